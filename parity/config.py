@@ -1,0 +1,187 @@
+"""One configuration for the MoE layer, shared by ``moe_torch``, ``moe_jax`` and the harness.
+
+Pure Python on purpose: both backends import this module (and nothing else of ``parity``), so the
+rules for valid options are written once. See DESIGN.md, "Configuration".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+LOAD_BALANCE_LOSSES = (None, "switch", "sequence")
+TORCH_KERNELS = ("auto", "loop", "grouped_mm", "npu")
+JAX_KERNELS = ("auto", "ragged_dot", "blocked", "dense")
+EXPERT_KERNELS = tuple(dict.fromkeys(TORCH_KERNELS + JAX_KERNELS))
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _non_negative_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def validate_routing(
+    *,
+    num_experts: int,
+    top_k: int,
+    score_func: str = "sigmoid",
+    route_scale: float = 1.0,
+    num_expert_groups: int | None = None,
+    num_limited_groups: int | None = None,
+    group_score: str = "max",
+) -> None:
+    """Check the router options; raise ``ValueError`` naming the field, its value and what is allowed.
+
+    Used by ``MoEConfig`` and by both backends' ``TokenChoiceTopKRouter`` so the rules live in one place.
+    """
+    _positive_int("num_experts", num_experts)
+    _positive_int("top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+    _one_of("score_func", score_func, SCORE_FUNCS)
+    _one_of("group_score", group_score, GROUP_SCORES)
+    if isinstance(route_scale, bool) or not isinstance(route_scale, (int, float)) or not math.isfinite(route_scale) or route_scale <= 0:
+        raise ValueError(f"route_scale={route_scale!r} must be a finite number > 0")
+    if num_expert_groups is None:
+        if num_limited_groups is not None:
+            raise ValueError(
+                f"num_limited_groups={num_limited_groups} needs num_expert_groups to be set (got None)"
+            )
+        return
+    _positive_int("num_expert_groups", num_expert_groups)
+    if num_experts % num_expert_groups:
+        raise ValueError(
+            f"num_expert_groups={num_expert_groups} does not divide num_experts={num_experts}"
+        )
+    if num_limited_groups is None:
+        raise ValueError(
+            f"num_limited_groups must be set when num_expert_groups={num_expert_groups} (got None)"
+        )
+    _positive_int("num_limited_groups", num_limited_groups)
+    if num_limited_groups > num_expert_groups:
+        raise ValueError(
+            f"num_limited_groups={num_limited_groups} exceeds num_expert_groups={num_expert_groups}"
+        )
+    per_group = num_experts // num_expert_groups
+    if group_score == "top2_sum" and per_group < 2:
+        raise ValueError(
+            f"group_score='top2_sum' needs at least 2 experts per group, got "
+            f"num_experts={num_experts} / num_expert_groups={num_expert_groups} = {per_group}"
+        )
+    if top_k > num_limited_groups * per_group:
+        raise ValueError(
+            f"top_k={top_k} exceeds the {num_limited_groups * per_group} experts held by the "
+            f"num_limited_groups={num_limited_groups} kept groups of {per_group} experts each"
+        )
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Every option of the MoE layer; the same keyword names in ``moe_torch.MoE`` and ``moe_jax.MoE``.
+
+    Defaults are those of the PyTorch module this kit grew from (torchtitan-style: sigmoid scores,
+    top-1, routing weights applied before the experts).
+
+    Raises ``ValueError`` naming the field, the value given and what is allowed.
+    """
+
+    # sizes
+    dim: int = 64
+    hidden_dim: int = 128
+    num_experts: int = 8
+    # router
+    top_k: int = 1
+    score_func: str = "sigmoid"
+    route_norm: bool = False
+    route_scale: float = 1.0
+    num_expert_groups: int | None = None
+    num_limited_groups: int | None = None
+    group_score: str = "max"
+    # experts
+    score_before_experts: bool = True
+    num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None
+    expert_kernel: str = "auto"
+    # balancing
+    use_expert_bias: bool = False
+    load_balance_loss: str | None = None
+    load_balance_coeff: float = 0.01
+    router_z_loss_coeff: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive_int("dim", self.dim)
+        _positive_int("hidden_dim", self.hidden_dim)
+        validate_routing(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            score_func=self.score_func,
+            route_scale=self.route_scale,
+            num_expert_groups=self.num_expert_groups,
+            num_limited_groups=self.num_limited_groups,
+            group_score=self.group_score,
+        )
+        for name in ("route_norm", "score_before_experts", "use_expert_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts={self.num_shared_experts!r} must be an integer >= 0")
+        if self.shared_hidden_dim is not None:
+            _positive_int("shared_hidden_dim", self.shared_hidden_dim)
+            if self.num_shared_experts == 0:
+                raise ValueError(
+                    f"shared_hidden_dim={self.shared_hidden_dim} given but num_shared_experts=0"
+                )
+        _one_of("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+        _one_of("load_balance_loss", self.load_balance_loss, LOAD_BALANCE_LOSSES)
+        _non_negative_float("load_balance_coeff", self.load_balance_coeff)
+        _non_negative_float("router_z_loss_coeff", self.router_z_loss_coeff)
+
+    @property
+    def shared_dim(self) -> int:
+        """Hidden size of the shared-expert FeedForward (0 when there is none).
+
+        ``num_shared_experts`` experts of ``hidden_dim`` are fused into one SwiGLU of
+        ``num_shared_experts * hidden_dim`` unless ``shared_hidden_dim`` says otherwise (DeepSeek-V3).
+        """
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_hidden_dim or self.num_shared_experts * self.hidden_dim
+
+    def to_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """The keyword arguments of ``moe_torch.MoE`` / ``moe_jax.MoE`` (``rngs`` aside)."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = set(overrides) - set(kwargs)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s) {sorted(unknown)}; allowed: {sorted(kwargs)}")
+        kwargs.update(overrides)
+        return kwargs
+
+    def replace(self, **changes: Any) -> MoEConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        """Build from a mapping (a parsed TOML/JSON file); unknown keys are an error that lists them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_kwargs()

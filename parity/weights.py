@@ -1,0 +1,106 @@
+"""Canonical weights: the flat name -> array mapping both backends load (DESIGN.md, "Canonical weights").
+
+Stored as safetensors, PyTorch layout (``[out, in]``). Never pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from parity.config import MoEConfig
+
+
+class WeightsError(ValueError):
+    """Weights that do not match a config, or a file that cannot be read as safetensors."""
+
+
+def canonical_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every canonical tensor for ``cfg``."""
+    e, d, h = cfg.num_experts, cfg.dim, cfg.hidden_dim
+    shapes = {
+        "router.gate.weight": (e, d),
+        "experts.w1": (e, h, d),
+        "experts.w2": (e, d, h),
+        "experts.w3": (e, h, d),
+        "expert_bias": (e,),
+        "tokens_per_expert": (e,),
+    }
+    if cfg.num_shared_experts:
+        hs = cfg.shared_dim
+        shapes.update({
+            "shared_expert.w1.weight": (hs, d),
+            "shared_expert.w2.weight": (d, hs),
+            "shared_expert.w3.weight": (hs, d),
+        })
+    return shapes
+
+
+def check_weights(mapping: Mapping[str, object], cfg: MoEConfig, *, optional: tuple[str, ...] = ()) -> None:
+    """Raise ``WeightsError`` listing every missing, extra or mis-shaped key (expected vs given shape).
+
+    ``optional`` names keys that may be absent (e.g. the buffers ``expert_bias`` / ``tokens_per_expert``).
+    """
+    expected = canonical_shapes(cfg)
+    problems = []
+    for name, shape in expected.items():
+        if name not in mapping:
+            if name not in optional:
+                problems.append(f"missing {name!r} (expected shape {list(shape)})")
+            continue
+        given = tuple(np.shape(mapping[name]))
+        if given != shape:
+            problems.append(f"{name!r} has shape {list(given)}, expected {list(shape)}")
+    for name in mapping:
+        if name not in expected:
+            problems.append(f"unexpected {name!r} (shape {list(np.shape(mapping[name]))})")
+    if problems:
+        raise WeightsError("weights do not match the config:\n  " + "\n  ".join(problems))
+
+
+def init_weights(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Deterministic random canonical weights (NumPy PCG64 from ``seed``), scaled like a trained layer.
+
+    Linear weights ~ N(0, 1/fan_in); ``expert_bias`` small random values when ``use_expert_bias``
+    (so that it matters in tests) else zeros; ``tokens_per_expert`` zeros.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in canonical_shapes(cfg).items():
+        if name == "tokens_per_expert":
+            out[name] = np.zeros(shape, dtype=np.float32)
+        elif name == "expert_bias":
+            bias = rng.normal(0.0, 0.02, shape) if cfg.use_expert_bias else np.zeros(shape)
+            out[name] = bias.astype(np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(dtype)
+    return out
+
+
+def save_weights(path: str | os.PathLike, mapping: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write a canonical mapping as safetensors (contiguous NumPy arrays)."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in mapping.items()}, os.fspath(path), metadata=metadata)
+
+
+def load_weights(path: str | os.PathLike, cfg: MoEConfig | None = None) -> dict[str, np.ndarray]:
+    """Read a safetensors file into NumPy arrays (bfloat16 via ``ml_dtypes`` when present).
+
+    Raises ``WeightsError`` for a missing or corrupt file, or (with ``cfg``) weights that do not match.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file {path!r} does not exist")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            mapping = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for every kind of corruption
+        raise WeightsError(f"cannot read weights file {path!r} as safetensors: {exc}") from exc
+    if cfg is not None:
+        check_weights(mapping, cfg, optional=("expert_bias", "tokens_per_expert"))
+    return mapping
