@@ -9,7 +9,7 @@ Everything is computed in float64 unless a function says otherwise. Shapes use `
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -6,7 +6,7 @@ Stored as safetensors, PyTorch layout (``[out, in]``). Never pickle.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

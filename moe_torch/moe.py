@@ -1,0 +1,212 @@
+"""The MoE layer: router, dispatch, experts, combine, shared expert (DESIGN.md steps 1-9)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_torch.balancing import load_balance_loss, router_z_loss
+from moe_torch.experts import GroupedExperts
+from moe_torch.feed_forward import DTensor, FeedForward, local_tensor
+from moe_torch.router import TokenChoiceTopKRouter
+from parity.config import TORCH_KERNELS, MoEConfig
+
+ROUTER_KEYS = ("top_k", "score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
+               "group_score", "use_expert_bias")
+_FLOAT32_BUFFERS = ("expert_bias", "tokens_per_expert")
+
+
+class MoE(nn.Module):
+    """Token-choice top-k Mixture-of-Experts layer with optional shared expert.
+
+    Keyword arguments: every field of ``parity.config.MoEConfig`` (``MoE(**cfg.to_kwargs())``), validated
+    by it (``ValueError`` naming the field, the value and what is allowed); ``expert_kernel`` must be
+    one of ``parity.config.TORCH_KERNELS`` ("auto", "loop", "grouped_mm", "npu").
+
+    The constructor of the module this kit grew from keeps working through three more keywords:
+
+    - ``router_kwargs``: a dict of router options (``top_k``, ``score_func``, ``route_norm``,
+      ``route_scale``, ``num_expert_groups``, ``num_limited_groups``, ``group_score``,
+      ``use_expert_bias``) merged over the keywords (the dict wins); another key is a ``ValueError``.
+    - ``shared_expert``: an ``nn.Module`` used as the shared expert (it sees every token, input
+      (N, D) -> (N, D)), or None. Passing one together with ``num_shared_experts > 0`` is a ``ValueError``.
+    - ``use_grouped_mm``: True -> ``expert_kernel="grouped_mm"``, False -> "loop"; None (default)
+      leaves ``expert_kernel`` as given. Contradicting an explicit non-"auto" kernel is a ``ValueError``.
+
+    Submodules / parameters (canonical names): ``router.gate`` (``router.gate.weight`` (E, D)),
+    ``experts.w1`` / ``w3`` (E, H, D), ``experts.w2`` (E, D, H), ``shared_expert`` (FeedForward
+    ``w1.weight`` (Hs, D), ``w2.weight`` (D, Hs), ``w3.weight`` (Hs, D)) or None.
+    Buffers (persistent, always float32 whatever ``.to(dtype)`` does): ``expert_bias`` (E,),
+    ``tokens_per_expert`` (E,) = counts accumulated by training-mode forwards only.
+
+    ``forward(x, return_aux=False, selected_experts=None)``:
+        x: (bs, slen, D), the expert weights' dtype (float32, bfloat16, float16, float64); may be a
+        DTensor not sharded on D (computed on its local shard, returned as a DTensor alike).
+        selected_experts: optional (bs*slen, top_k) integer tensor replacing the top-k (step 4).
+        Returns out (bs, slen, D) in x's dtype, or ``(out, aux)`` with ``aux``: ``router_logits``
+        (N, E) f32, ``scores`` (N, E) f32, ``selected_experts`` (N, k) int64, ``routing_weights``
+        (N, k) f32, ``tokens_per_expert`` (E,) f32, and ``load_balance_loss`` / ``router_z_loss``
+        (f32 scalars, differentiable) when enabled. Router, combine and losses run in float32, or
+        float64 for a float64 module (so float64 matches the reference to ~1e-12).
+        Raises ``ValueError`` for a wrong rank or last dim, ``TypeError`` for a dtype mismatch.
+    """
+
+    def __init__(self, *, router_kwargs: dict[str, Any] | None = None, shared_expert: nn.Module | None = None,
+                 use_grouped_mm: bool | None = None, **kwargs: Any):
+        super().__init__()
+        names = {f.name for f in fields(MoEConfig)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown MoE argument(s) {unknown}; allowed: {sorted(names)} and "
+                             f"router_kwargs, shared_expert, use_grouped_mm")
+        if router_kwargs:
+            bad = sorted(set(router_kwargs) - set(ROUTER_KEYS))
+            if bad:
+                raise ValueError(f"router_kwargs has unknown key(s) {bad}; allowed: {list(ROUTER_KEYS)}")
+            kwargs.update(router_kwargs)
+        if use_grouped_mm is not None:
+            if not isinstance(use_grouped_mm, bool):
+                raise ValueError(f"use_grouped_mm={use_grouped_mm!r} must be True, False or None")
+            wanted = "grouped_mm" if use_grouped_mm else "loop"
+            given = kwargs.get("expert_kernel", "auto")
+            if given not in ("auto", wanted):
+                raise ValueError(f"use_grouped_mm={use_grouped_mm} contradicts expert_kernel={given!r}")
+            kwargs["expert_kernel"] = wanted
+        cfg = MoEConfig(**kwargs)
+        if cfg.expert_kernel not in TORCH_KERNELS:
+            raise ValueError(f"expert_kernel={cfg.expert_kernel!r} is not a moe_torch kernel; "
+                             f"allowed: {TORCH_KERNELS}")
+        if shared_expert is not None:
+            if not isinstance(shared_expert, nn.Module):
+                raise TypeError(f"shared_expert must be an nn.Module or None, got {type(shared_expert).__name__}")
+            if cfg.num_shared_experts:
+                raise ValueError(f"shared_expert given together with num_shared_experts={cfg.num_shared_experts}; "
+                                 f"pass one or the other")
+        self.config = cfg
+        self.dim, self.num_experts, self.top_k = cfg.dim, cfg.num_experts, cfg.top_k
+        self.router = TokenChoiceTopKRouter(
+            cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.route_norm, cfg.route_scale,
+            cfg.num_expert_groups, cfg.num_limited_groups, cfg.group_score)
+        self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.expert_kernel)
+        if shared_expert is None and cfg.num_shared_experts:
+            shared_expert = FeedForward(cfg.dim, cfg.shared_dim)
+        self.shared_expert = shared_expert
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=True)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32),
+                             persistent=True)
+
+    # NOTE: `.to(torch.bfloat16)` / `.half()` / `.double()` must not touch the balancing buffers: the
+    # bias update adds lr*sign in float32 (bf16 would round small steps away) and the counts exceed
+    # bf16's 8-bit mantissa after 256 tokens. Device moves still apply.
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers.pop(name) for name in _FLOAT32_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in kept.items():
+                if buf is not None:
+                    moved = fn(buf)
+                    buf = moved.float() if buf.is_meta or moved.is_meta else buf.to(device=moved.device)
+                self._buffers[name] = buf
+        return self
+
+    def init_weights(self) -> None:
+        """Normal init with std ``fan_in ** -0.5`` (as ``parity.weights.init_weights``); buffers zeroed."""
+        self.router.init_weights()
+        self.experts.init_weights()
+        if isinstance(self.shared_expert, FeedForward):
+            self.shared_expert.init_weights()
+        with torch.no_grad():
+            self.expert_bias.zero_()
+            self.tokens_per_expert.zero_()
+
+    # ------------------------------------------------------------------ steps of the forward pass
+    def dispatch(self, tokens: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor):
+        """(6) Sort the N*k routed slots expert-major with a stable sort (token order within an expert).
+
+        tokens (N, D), selected / weights (N, k) -> ``(x_routed (N*k, D), w_routed (N*k,) f32, order (N*k,))``;
+        ``order[j]`` is the flat slot (token * k + slot) of row j. With ``score_before_experts`` the
+        routing weight multiplies the routed input in float32 (cast back to the input dtype).
+        A later expert-parallel style exchanges ``x_routed`` between ranks after this step.
+        """
+        order = torch.argsort(selected.reshape(-1), stable=True)
+        x_routed = tokens[order // self.top_k]
+        w_routed = weights.reshape(-1)[order]
+        if self.config.score_before_experts:
+            acc = torch.promote_types(tokens.dtype, torch.float32)
+            x_routed = (x_routed.to(acc) * w_routed.unsqueeze(-1).to(acc)).to(tokens.dtype)
+        return x_routed, w_routed, order
+
+    def combine(self, y_routed: torch.Tensor, w_routed: torch.Tensor, order: torch.Tensor,
+                num_tokens: int) -> torch.Tensor:
+        """(8) Undo the sort and sum each token's k slots in float32 -> (N, D) float32 (float64 for float64).
+
+        With ``score_before_experts=False`` the routing weight multiplies the expert output here, in
+        float32. NOTE: each slot is written once (index_copy on a permutation), then summed over the
+        k slots: no scatter-add, hence deterministic on every device.
+        """
+        y = y_routed.to(torch.promote_types(y_routed.dtype, torch.float32))
+        if not self.config.score_before_experts:
+            y = y * w_routed.unsqueeze(-1).to(y.dtype)
+        slots = y.new_zeros(y.shape).index_copy(0, order, y)
+        return slots.view(num_tokens, self.top_k, y.shape[-1]).sum(1)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [batch, seq_len, dim={self.dim}]")
+        wdtype = self.experts.w1.dtype
+        if x.dtype != wdtype:
+            raise TypeError(f"x has dtype {x.dtype} but the expert weights have dtype {wdtype}; "
+                            f"cast one to the other (e.g. moe.to({x.dtype}))")
+
+    def forward(self, x: torch.Tensor, return_aux: bool = False, selected_experts: torch.Tensor | None = None):
+        self._check_input(x)
+        wrap = None
+        if DTensor is not None and isinstance(x, DTensor):
+            if any(p.is_shard() and p.dim in (-1, x.ndim - 1) for p in x.placements):
+                raise ValueError(f"x is a DTensor sharded on its last dim ({x.placements}); the MoE layer "
+                                 f"needs whole token vectors")
+            wrap = (x.device_mesh, x.placements)
+            x = x.to_local()
+        bs, slen, dim = x.shape
+        tokens = x.reshape(bs * slen, dim)
+        expert_bias = self.expert_bias if self.config.use_expert_bias else None
+        # (1)-(5) router
+        logits, scores, selected, weights = self.router(tokens, expert_bias, selected_experts)
+        # (6) counts per expert; training-mode forwards feed the bias update
+        counts = torch.bincount(selected.reshape(-1), minlength=self.num_experts)
+        if self.training:
+            with torch.no_grad():
+                local_tensor(self.tokens_per_expert).add_(counts.float())
+        x_routed, w_routed, order = self.dispatch(tokens, selected, weights)
+        # (7) experts, in the input dtype
+        y_routed = self.experts(x_routed, counts)
+        # (8) combine in float32, cast back
+        out = self.combine(y_routed, w_routed, order, bs * slen).to(x.dtype)
+        # (9) shared expert sees every token
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        out = out.view(bs, slen, dim)
+        if wrap is not None:
+            out = DTensor.from_local(out, *wrap)
+        if not return_aux:
+            return out
+        aux = {
+            "router_logits": logits,
+            "scores": scores,
+            "selected_experts": selected,
+            "routing_weights": weights,
+            "tokens_per_expert": counts.float(),
+        }
+        cfg = self.config
+        if cfg.load_balance_loss is not None:
+            aux["load_balance_loss"] = load_balance_loss(scores, selected, self.num_experts, cfg.load_balance_coeff,
+                                                         cfg.load_balance_loss, batch=bs)
+        if cfg.router_z_loss_coeff > 0:
+            aux["router_z_loss"] = router_z_loss(logits, cfg.router_z_loss_coeff)
+        return out, aux
