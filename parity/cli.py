@@ -1,0 +1,438 @@
+"""``moe-parity``: run the parity harness from the command line.
+
+Subcommands::
+
+    moe-parity run [--preset NAME | --config FILE | --hf PATH --layer N] [--weights FILE]
+                   [--dtype float32] [--backends torch:cpu,jax:cpu] [--batch 2] [--seq-len 8]
+                   [--steps 3] [--lock-routing] [--out DIR] [--json] ...
+    moe-parity presets
+    moe-parity init-weights (--preset NAME | --config FILE) --out FILE [--seed 0]
+    moe-parity import-hf PATH --layer N --out FILE
+    moe-parity compare A/report.json B/report.json
+
+Exit status: 0 every check passed, 1 a check failed (or nothing ran), 2 bad usage (one line on
+stderr saying why; for weights that do not match the config, the list of offending keys follows).
+Frameworks are imported only when a backend runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+
+from parity.config import MoEConfig
+from parity.metrics import DTYPES
+
+PROG = "moe-parity"
+MESH_RE = re.compile(r"^(ep|tp|etp|dp)=\d+(x(ep|tp|etp|dp)=\d+)*$")
+
+
+def _console(**kwargs):
+    """A rich console; 200 columns when stdout is not a terminal (pipes, files, tests)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200, **kwargs)
+
+
+class UsageError(Exception):
+    """Bad usage: printed as ``moe-parity: error: <message>``, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration sources
+def read_config_file(path: str) -> MoEConfig:
+    """MoEConfig from a TOML or JSON file of its fields (top level, or under a ``[config]``/``[moe]`` table)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    data = None
+    errors = []
+    loaders = ("json", "toml") if path.endswith(".json") else ("toml", "json")
+    for kind in loaders:
+        try:
+            if kind == "json":
+                data = json.loads(raw.decode("utf-8"))
+            else:
+                try:
+                    import tomllib
+                except ModuleNotFoundError:  # Python 3.10
+                    import tomli as tomllib
+                data = tomllib.loads(raw.decode("utf-8"))
+            break
+        except Exception as exc:
+            errors.append(f"{kind}: {exc}")
+    if data is None:
+        raise UsageError(f"cannot parse config file {path!r} as TOML or JSON ({'; '.join(errors)})")
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path!r} must hold a table of MoEConfig fields")
+    for key in ("config", "moe"):
+        if set(data) == {key} and isinstance(data[key], dict):
+            data = data[key]
+    try:
+        return MoEConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"config file {path!r}: {exc}") from None
+
+
+def weights_file_config(path: str) -> MoEConfig | None:
+    """The MoEConfig stored in a weights file's metadata by ``init-weights`` / ``import-hf`` (or None)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+        return MoEConfig.from_dict(json.loads(meta["moe_config"])) if "moe_config" in meta else None
+    except Exception:
+        return None
+
+
+def _preset(name: str):
+    from parity.presets import get_preset
+
+    try:
+        return get_preset(name)
+    except KeyError as exc:
+        raise UsageError(exc.args[0]) from None
+
+
+def _read_hf(path: str, layer: int):
+    if importlib.util.find_spec("parity.hf") is None:
+        raise UsageError("--hf needs parity.hf (the Hugging Face importer, `pip install moe-parity[hf]`)")
+    try:
+        hf = importlib.import_module("parity.hf")
+    except ImportError as exc:
+        raise UsageError(f"--hf: cannot import parity.hf: {exc}") from None
+    try:
+        return hf.read_hf_layer(path, layer)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UsageError(f"--hf {path} --layer {layer}: {exc}") from None
+
+
+def parse_tolerances(args) -> dict:
+    """``--atol/--rtol`` (every dtype) and ``--tol DTYPE=RTOL,ATOL`` -> parity.metrics overrides."""
+    out: dict[str, dict[str, float]] = {}
+    if args.rtol is not None:
+        out.setdefault("*", {})["rtol"] = args.rtol
+    if args.atol is not None:
+        out.setdefault("*", {})["atol"] = args.atol
+    for spec in args.tol or []:
+        m = re.fullmatch(r"(\w+)=([^,]+),([^,]+)", spec)
+        if not m or m.group(1) not in DTYPES:
+            raise UsageError(f"--tol {spec!r}: expected DTYPE=RTOL,ATOL with DTYPE one of {', '.join(DTYPES)}")
+        try:
+            out[m.group(1)] = {"rtol": float(m.group(2)), "atol": float(m.group(3))}
+        except ValueError:
+            raise UsageError(f"--tol {spec!r}: RTOL and ATOL must be numbers") from None
+    return out
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """"ep=2", "tp=2", "ep=2xtp=2" -> {"ep": 2, "tp": 2}."""
+    if not MESH_RE.fullmatch(spec):
+        raise UsageError(f"--mesh {spec!r}: expected AXIS=N[xAXIS=N...] with AXIS in ep, tp, etp, dp (e.g. ep=2xtp=2)")
+    return {k: int(v) for k, v in (part.split("=") for part in spec.split("x"))}
+
+
+class _RichProgress:
+    """Adapter from the harness's progress protocol to a rich progress bar (on stderr)."""
+
+    def __init__(self, progress):
+        self.p, self.task = progress, None
+
+    def start(self, total):
+        self.task = self.p.add_task("parity", total=total)
+
+    def advance(self, description):
+        self.p.update(self.task, advance=1, description=description)
+
+
+# --------------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from parity.backends import DEFAULT_BACKENDS, make_runner, normalize_backend
+    from parity.weights import WeightsError, init_weights, load_weights
+
+    # --- what layer ---
+    sources = [n for n, v in (("--preset", args.preset), ("--config", args.config), ("--hf", args.hf)) if v]
+    if len(sources) > 1:
+        raise UsageError(f"give at most one of --preset, --config, --hf (got {', '.join(sources)})")
+    hf_weights = None
+    preset_name = None
+    if args.hf:
+        cfg, hf_weights = _read_hf(args.hf, args.layer)
+        preset_name = f"hf:{os.path.basename(os.path.normpath(args.hf))}#layer{args.layer}"
+    elif args.config:
+        cfg = read_config_file(args.config)
+        preset_name = f"config:{os.path.basename(args.config)}"
+    elif args.weights and not args.preset and weights_file_config(args.weights) is not None:
+        cfg = weights_file_config(args.weights)
+        preset_name = f"weights:{os.path.basename(args.weights)}"
+    else:
+        preset_name = args.preset or "default"
+        cfg = _preset(preset_name).config
+    if args.kernel:
+        try:
+            cfg = cfg.replace(expert_kernel=args.kernel)
+        except ValueError as exc:
+            raise UsageError(f"--kernel: {exc}") from None
+    # --- which backends ---
+    try:
+        names = [normalize_backend(b) for b in args.backends.split(",") if b.strip()] if args.backends \
+            else list(DEFAULT_BACKENDS) + (["hf:cpu"] if args.hf else [])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not names:
+        raise UsageError("--backends is empty")
+    names = list(dict.fromkeys(names))
+    runners = [make_runner(n, hf_path=args.hf, hf_layer=args.layer) for n in names]
+    if args.mesh:
+        mesh = parse_mesh(args.mesh)
+        if importlib.util.find_spec("parity.mesh") is None:
+            raise UsageError(f"--mesh {args.mesh}: not implemented yet (sharded runners arrive with parity.mesh)")
+        runners += importlib.import_module("parity.mesh").make_runners(mesh, names)
+    # --- weights ---
+    if hf_weights is not None:
+        weights, source = hf_weights, f"{args.hf} layer {args.layer}"
+    elif args.weights:
+        try:
+            weights = load_weights(args.weights, cfg)
+        except WeightsError as exc:
+            raise UsageError(str(exc)) from None
+        source = os.path.abspath(args.weights)
+    else:
+        weights, source = init_weights(cfg, args.seed), f"parity.weights.init_weights(seed={args.seed})"
+
+    from parity.harness import Settings, run_parity
+    from parity.weights import WeightsError as _WE
+
+    try:
+        settings = Settings(cfg=cfg, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                            steps=args.steps, bias_lr=args.bias_lr, lock_routing=args.lock_routing,
+                            tolerances=parse_tolerances(args), tie_tol=args.tie_tol, preset=preset_name,
+                            weights_source=source, grads=not args.no_grads)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out_console = _console()
+    err_console = Console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        if args.quiet or args.json:
+            report = run_parity(settings, weights, runners)
+        else:
+            with Progress(TextColumn("[bold]{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=err_console, transient=True) as progress:
+                report = run_parity(settings, weights, runners, progress=_RichProgress(progress))
+    except _WE as exc:
+        raise UsageError(str(exc)) from None
+    elapsed = time.perf_counter() - t0
+    report.settings["wall_time_s"] = round(elapsed, 3)
+    if args.out:
+        from parity.plots import save_plots
+
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+        with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
+            f.write(report.to_markdown())
+        save_plots(report, args.out)
+    if args.json:
+        print(report.to_json())
+    else:
+        out_console.print(report.rich_table(max_rows=args.max_rows))
+        for r in report.routing:
+            if r.count:
+                out_console.print(f"[yellow]routing[/] {r.backend} vs {r.against}: {r.summary()}")
+        worst = report.worst(settings.dtype)
+        if worst:
+            out_console.print("worst errors in " + settings.dtype + ": " + ", ".join(
+                f"{k} {c.max_abs:.2e} ({c.ulp_at_scale:.1f} ULP at scale, {c.tensor}, {c.backend} vs {c.against})"
+                for k, c in worst.items()))
+        status = "[green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
+        out_console.print(f"{status} in {elapsed:.1f} s" + (f"; report in {args.out}" if args.out else ""))
+    return report.exit_code
+
+
+def cmd_presets(args) -> int:
+    from rich.table import Table
+
+    from parity.presets import PRESETS
+
+    if args.json:
+        print(json.dumps({n: {"config": p.config.to_dict(), "source": p.source, "scaling": p.scaling,
+                              "notes": p.notes} for n, p in PRESETS.items()}, indent=2))
+        return 0
+    table = Table(title="moe-parity presets", show_lines=True)
+    for col in ("name", "routing", "sizes", "balancing", "source / scaling"):
+        table.add_column(col, overflow="fold")
+    for p in PRESETS.values():
+        c = p.config
+        routing = f"{c.score_func}, top-{c.top_k} of {c.num_experts}"
+        if c.num_expert_groups:
+            routing += f", {c.num_expert_groups} groups keep {c.num_limited_groups} ({c.group_score})"
+        routing += f", norm={c.route_norm}, scale={c.route_scale:g}"
+        routing += ", weights " + ("before" if c.score_before_experts else "after") + " experts"
+        sizes = f"dim {c.dim}, hidden {c.hidden_dim}" + (f", {c.num_shared_experts} shared ({c.shared_dim})"
+                                                          if c.num_shared_experts else "")
+        bal = ", ".join(filter(None, [
+            "expert bias" if c.use_expert_bias else "",
+            f"{c.load_balance_loss} loss {c.load_balance_coeff:g}" if c.load_balance_loss else "",
+            f"z-loss {c.router_z_loss_coeff:g}" if c.router_z_loss_coeff else ""])) or "-"
+        table.add_row(p.name, routing, sizes, bal,
+                      f"{p.source}\n[dim]{p.scaling}" + (f"; {p.notes}" if p.notes else "") + "[/]")
+    _console().print(table)
+    return 0
+
+
+def cmd_init_weights(args) -> int:
+    from parity.weights import init_weights
+
+    if args.config and args.preset:
+        raise UsageError("give one of --preset, --config")
+    cfg = read_config_file(args.config) if args.config else _preset(args.preset or "default").config
+    weights = init_weights(cfg, args.seed)
+    meta = {"moe_config": json.dumps(cfg.to_dict()), "seed": str(args.seed),
+            "source": args.preset or args.config or "default"}
+    _save(args.out, weights, meta)
+    print(f"wrote {len(weights)} tensors to {args.out}")
+    return 0
+
+
+def _save(path, weights, meta):
+    from parity.weights import save_weights
+
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError(f"--out {path!r}: directory {d!r} does not exist")
+    save_weights(path, weights, metadata=meta)
+
+
+def cmd_import_hf(args) -> int:
+    _read_hf(args.path, args.layer)  # clear usage errors first (missing module, bad path or layer)
+    hf = importlib.import_module("parity.hf")
+    d = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(d):
+        raise UsageError(f"--out {args.out!r}: directory {d!r} does not exist")
+    cfg = hf.import_hf(args.path, args.layer, args.out)
+    print(f"wrote layer {args.layer} of {args.path} ({cfg.num_experts} experts, top-{cfg.top_k}) to {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from rich.table import Table
+
+    from parity.report import Report, compare_reports
+
+    reports = []
+    for path in (args.a, args.b):
+        try:
+            reports.append(Report.load(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"cannot read report {path!r}: {exc}".splitlines()[0]) from None
+    rows, regressed = compare_reports(*reports)
+    table = Table(title=f"{args.a} -> {args.b}")
+    for col in ("check", "A", "B", "max abs A", "max abs B", "ULP A", "ULP B"):
+        table.add_column(col)
+    for r in rows:
+        if args.all or r["status_a"] != r["status_b"] or r["max_abs_a"] != r["max_abs_b"]:
+            style = "bold red" if r["id"] in regressed else ""
+            table.add_row(r["id"], r["status_a"], r["status_b"], *(
+                "-" if v is None else (f"{v:.2e}" if isinstance(v, float) else str(v))
+                for v in (r["max_abs_a"], r["max_abs_b"], r["max_ulp_a"], r["max_ulp_b"])), style=style)
+    console = _console()
+    console.print(table)
+    console.print(f"{len(regressed)} regression(s)" + (": " + ", ".join(regressed) if regressed else ""))
+    return 1 if regressed else 0
+
+
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Check that the PyTorch and JAX MoE layers agree with each other "
+                                        "and with a float64 NumPy reference.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run the parity checks (default: preset 'default' on every backend)")
+    r.add_argument("--preset", help="a preset name (see `moe-parity presets`); default 'default'")
+    r.add_argument("--config", help="TOML or JSON file of MoEConfig fields")
+    r.add_argument("--hf", metavar="PATH", help="a Hugging Face checkpoint directory (needs parity.hf)")
+    r.add_argument("--layer", type=int, default=0, help="layer index for --hf (default 0)")
+    r.add_argument("--weights", metavar="FILE", help="canonical weights (.safetensors); default: from --seed")
+    r.add_argument("--seed", type=int, default=0, help="seed of weights, input and cotangent (default 0)")
+    r.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    r.add_argument("--backends", help="comma list of torch:cpu,torch:cuda,torch:npu,jax:cpu,jax:gpu,"
+                                      "jax:tpu,hf:cpu,reference:cpu (default: all but hf/reference)")
+    r.add_argument("--kernel", help="expert_kernel override (e.g. loop, grouped_mm, ragged_dot)")
+    r.add_argument("--batch", type=int, default=2)
+    r.add_argument("--seq-len", type=int, default=8)
+    r.add_argument("--steps", type=int, default=3, help="expert-bias update steps (default 3; 0 skips)")
+    r.add_argument("--bias-lr", type=float, default=1e-3, help="update_expert_bias rate (default 1e-3)")
+    r.add_argument("--lock-routing", action="store_true",
+                   help="feed every backend (and the reference) the first backend's selected experts")
+    r.add_argument("--no-grads", action="store_true", help="skip the gradient checks")
+    r.add_argument("--rtol", type=float, help="relative tolerance for every dtype")
+    r.add_argument("--atol", type=float, help="absolute tolerance for every dtype")
+    r.add_argument("--tol", action="append", metavar="DTYPE=RTOL,ATOL", help="per-dtype tolerance (repeatable)")
+    r.add_argument("--tie-tol", type=float, default=1e-4,
+                   help="largest selection margin counted as a near-tie (default 1e-4)")
+    r.add_argument("--mesh", help="sharded runs, e.g. ep=2, tp=2, ep=2xtp=2 (not implemented yet)")
+    r.add_argument("--out", metavar="DIR", help="write report.json, report.md and PNG plots here")
+    r.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    r.add_argument("--max-rows", type=int, default=None, help="terminal table rows (default all)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    ps = sub.add_parser("presets", help="list the presets")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_presets)
+
+    iw = sub.add_parser("init-weights", help="write deterministic canonical weights for a preset/config")
+    iw.add_argument("--preset")
+    iw.add_argument("--config")
+    iw.add_argument("--seed", type=int, default=0)
+    iw.add_argument("--out", required=True)
+    iw.set_defaults(func=cmd_init_weights)
+
+    ih = sub.add_parser("import-hf", help="write one MoE layer of a Hugging Face checkpoint as canonical weights")
+    ih.add_argument("path")
+    ih.add_argument("--layer", type=int, required=True)
+    ih.add_argument("--out", required=True)
+    ih.set_defaults(func=cmd_import_hf)
+
+    cp = sub.add_parser("compare", help="compare two report.json files (exit 1 on a regression)")
+    cp.add_argument("a")
+    cp.add_argument("b")
+    cp.add_argument("--all", action="store_true", help="show unchanged rows too")
+    cp.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``moe-parity`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

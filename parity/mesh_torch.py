@@ -1,0 +1,358 @@
+"""Run ``moe_torch``'s sharded layer (EP / TP / EP x TP) in real gloo processes and gather the results.
+
+``run_torch_mesh(cfg, weights, x, cotangent, mesh, steps, lr, dtype)`` spawns ``prod(mesh.values())``
+CPU processes (``python -c`` subprocesses, gloo, a ``FileStore`` rendezvous in a temporary folder, so no
+port is needed), parallelises ``moe_torch.MoE`` with ``moe_torch.parallel`` and returns NumPy arrays:
+
+- ``"forward"``: ``out`` [B, S, D] and the aux tensors (DESIGN.md keys: ``router_logits``, ``scores``,
+  ``selected_experts`` (int64), ``routing_weights``, ``tokens_per_expert`` (counts of that forward
+  summed over ranks), and the enabled losses (whole-batch values, see ``moe_torch.parallel``)), all
+  of the concatenated batch, from an eval-mode forward (the torch backend's ``forward`` keys).
+- ``"grad"``: gradients of ``sum(out * cotangent) + enabled aux losses`` w.r.t. ``"x"`` [B, S, D] and
+  every parameter by canonical name, gathered to the full canonical shape (the backend's ``grad``
+  keys): expert gradients are the sharded ones gathered, never reduced over ``ep``; dense gradients
+  are summed over the ``ep`` ranks (``all_reduce_dense_grads``).
+- ``"bias_steps"``: one dict per step (``steps`` training-mode forwards of ``xs[i]``, or of ``x``
+  each time when ``xs`` is None, each followed by ``update_expert_bias(moe, lr, group=ep ranks)``):
+  ``tokens_per_expert`` (the buffer before the update, summed over the ``ep`` ranks),
+  ``selected_experts`` (concatenated), ``expert_bias`` (after the update), as the backend's ``bias_steps``.
+- ``"rank_spread"``: name -> max |rank r - rank 0| over all ranks of every value above (each rank
+  gathers the full result): 0 means the ranks agree bit for bit (``bias_steps`` keys as ``bias/i/name``).
+- ``"dtypes"``: name -> the dtype torch computed it in.
+
+Mesh: ``{"ep": n}`` -> ``ExpertParallel``, ``{"tp": n}`` -> ``TensorParallel``, ``{"ep": n, "tp": m}``
+-> ``ExpertTensorParallel`` on an (ep, tp) mesh. Ranks along ``ep`` take consecutive batch shards
+(``B % ep == 0`` required); ranks along ``tp`` take the same shard.
+
+Errors: ``ValueError`` for an unknown mesh axis, a size < 1, or a batch not divisible by ``ep`` (before any
+process starts); ``RuntimeError`` naming the rank and its exception when a rank fails (the other
+ranks are terminated); ``TimeoutError`` when the run exceeds ``timeout_s`` (all ranks terminated).
+
+torch is imported lazily (inside the functions), so ``import parity.mesh_torch`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from parity.config import MoEConfig
+
+MESH_AXES = ("ep", "tp")
+BUFFERS = ("expert_bias", "tokens_per_expert")
+INIT_TIMEOUT_S = 60
+
+
+# ------------------------------------------------------------------------------------ spawning
+def _child() -> None:
+    """Entry point of one rank (``python -c ...``): argv = fn ("module:function"), rank, world, folder,
+    collective timeout, JSON args. Builds the gloo group (``timeout`` on every collective), runs
+    ``fn(rank, world, *args)``, writes any exception with its traceback to ``folder/rank{R}.err``."""
+    import sys
+    import traceback
+
+    fn_name, rank, world, folder, timeout_s, args = sys.argv[1:7]
+    rank, world = int(rank), int(world)
+    try:
+        from datetime import timedelta
+        from importlib import import_module
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        module, _, name = fn_name.partition(":")
+        fn = getattr(import_module(module), name)
+        store = dist.FileStore(os.path.join(folder, "store"), world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=float(timeout_s)))
+        try:
+            fn(rank, world, *json.loads(args))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:
+        with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        sys.exit(1)
+
+
+def spawn(fn: str, world: int, *args, timeout_s: float = 120.0, collective_timeout_s: float = INIT_TIMEOUT_S) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh Python processes joined by a gloo process group.
+
+    ``fn`` is "package.module:function" (imported by each rank; no pickling, and the caller's
+    ``__main__`` is never re-imported); ``args`` must be JSON-serialisable. The rendezvous is a
+    ``FileStore`` in a temporary folder (no port). The first rank to fail ends the run: the others are
+    terminated and ``RuntimeError("rank R failed: <exception>\n<traceback>")`` is raised. Past
+    ``timeout_s`` seconds every rank is terminated and ``TimeoutError`` raised; every collective also
+    times out after ``collective_timeout_s`` (``init_process_group(timeout=...)``).
+    """
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="moe_mesh_") as tmp:
+        cmd = [sys.executable, "-c", "from parity.mesh_torch import _child; _child()", fn]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), *sys.path, env.get("PYTHONPATH", "")) if p)
+        logs = [open(os.path.join(tmp, f"rank{r}.log"), "wb") for r in range(world)]
+        procs = [subprocess.Popen([*cmd, str(r), str(world), tmp, str(collective_timeout_s), json.dumps(args)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=logs[r])
+                 for r in range(world)]
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                codes = [p.poll() for p in procs]
+                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    r = min(failed, key=lambda r: os.path.getmtime(os.path.join(tmp, f"rank{r}.err"))
+                            if os.path.exists(os.path.join(tmp, f"rank{r}.err")) else float("inf"))
+                    err = os.path.join(tmp, f"rank{r}.err")
+                    if not os.path.exists(err):
+                        err = os.path.join(tmp, f"rank{r}.log")
+                    with open(err, errors="replace") as f:
+                        text = f.read()[-4000:]
+                    raise RuntimeError(f"rank {r} of {world} failed (exit code {codes[r]}): {text}")
+                if all(c == 0 for c in codes):
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world}-process run exceeded timeout_s={timeout_s}; all ranks terminated")
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            for f in logs:
+                f.close()
+
+
+# ------------------------------------------------------------------------------------------ jobs
+@dataclass
+class MeshJob:
+    """One sharded run: the arguments of ``run_torch_mesh`` (see there)."""
+
+    cfg: MoEConfig
+    weights: Mapping[str, np.ndarray]
+    x: np.ndarray
+    cotangent: np.ndarray
+    mesh: dict[str, int]
+    steps: int = 3
+    lr: float = 1e-3
+    dtype: str = "float32"
+    xs: Sequence[np.ndarray] | None = None
+    selected_experts: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def check_mesh(mesh: Mapping[str, int], batch: int) -> None:
+    """``ValueError`` for an axis not in ``MESH_AXES``, a size < 1 or a batch not divisible by ``ep``."""
+    if not mesh:
+        raise ValueError("mesh is empty; expected e.g. {'ep': 2}, {'tp': 2} or {'ep': 2, 'tp': 2}")
+    for axis, size in mesh.items():
+        if axis not in MESH_AXES:
+            raise ValueError(f"mesh axis {axis!r} is not supported by the torch mesh runner; supported: {MESH_AXES}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh size {axis}={size!r} must be an integer >= 1")
+    ep = mesh.get("ep", 1)
+    if batch % ep:
+        raise ValueError(f"batch={batch} is not divisible by ep={ep}: each ep rank takes an equal batch shard")
+
+
+def write_job(path: str, job: MeshJob) -> None:
+    """Write ``job`` as ``path.npz`` (arrays, float64 / int64) + ``path.json`` (config, mesh, steps, lr, dtype)."""
+    arrays = {f"w/{k}": np.asarray(v, np.float64) for k, v in job.weights.items()}
+    arrays["x"], arrays["cot"] = np.asarray(job.x, np.float64), np.asarray(job.cotangent, np.float64)
+    xs = list(job.xs) if job.xs is not None else [job.x] * job.steps
+    for i, xi in enumerate(xs):
+        arrays[f"xs/{i}"] = np.asarray(xi, np.float64)
+    if job.selected_experts is not None:
+        arrays["sel"] = np.asarray(job.selected_experts, np.int64)
+    np.savez(path + ".npz", **arrays)
+    meta = dict(cfg=job.cfg.to_dict(), mesh=dict(job.mesh), steps=len(xs), lr=job.lr, dtype=job.dtype,
+                extra=job.extra)
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f)
+
+
+def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dict]:
+    """Run several jobs in one spawned world (start-up paid once); every job's mesh must have the same size.
+
+    Returns one result dict per job (the layout of ``run_torch_mesh``). Raises as ``run_torch_mesh``.
+    """
+    if not jobs:
+        return []
+    worlds = {math.prod(j.mesh.values()) for j in jobs}
+    for j in jobs:
+        check_mesh(j.mesh, np.shape(j.x)[0])
+    if len(worlds) != 1:
+        raise ValueError(f"jobs need different world sizes {sorted(worlds)}; run them separately")
+    with tempfile.TemporaryDirectory(prefix="moe_mesh_jobs_") as tmp:
+        for i, job in enumerate(jobs):
+            write_job(os.path.join(tmp, f"job{i}"), job)
+        world = worlds.pop()
+        spawn("parity.mesh_torch:run_jobs_on_rank", world, tmp, len(jobs), timeout_s=timeout_s)
+        return [collect_job(os.path.join(tmp, f"job{i}"), world) for i in range(len(jobs))]
+
+
+def run_torch_mesh(cfg: MoEConfig, weights: Mapping[str, np.ndarray], x: np.ndarray, cotangent: np.ndarray,
+                   mesh: Mapping[str, int], steps: int = 3, lr: float = 1e-3, dtype: str = "float32", *,
+                   xs: Sequence[np.ndarray] | None = None, selected_experts: np.ndarray | None = None,
+                   timeout_s: float = 300.0) -> dict:
+    """The sharded layer's forward, gradients and bias steps (module docstring for keys and errors).
+
+    Args: ``cfg``; ``weights`` canonical (``expert_bias`` / ``tokens_per_expert`` optional, default 0);
+    ``x`` [B, S, D] and ``cotangent`` [B, S, D] (any float array, cast to ``dtype``); ``mesh`` e.g.
+    ``{"ep": 2}``; ``steps`` bias steps (of ``xs`` when given, else of ``x``); ``lr`` the bias rate;
+    ``dtype`` "float32" | "bfloat16" | "float16" | "float64"; ``selected_experts`` [B*S, k] replaces
+    the top-k of the forward/gradient run (not the bias steps).
+    """
+    job = MeshJob(cfg, weights, x, cotangent, dict(mesh), steps, lr, dtype, xs, selected_experts)
+    return run_mesh_jobs([job], timeout_s=timeout_s)[0]
+
+
+def collect_job(path: str, world: int) -> dict:
+    """Read the ranks' ``path.rank{R}.npz`` files into the result layout of ``run_torch_mesh``."""
+    ranks = []
+    for r in range(world):
+        with np.load(f"{path}.rank{r}.npz", allow_pickle=False) as z:
+            ranks.append({k: z[k] for k in z.files})
+    with open(f"{path}.rank0.json") as f:
+        dtypes = json.load(f)
+    first = ranks[0]
+    spread = {k: max(float(np.max(np.abs(r[k].astype(np.float64) - first[k].astype(np.float64)), initial=0.0))
+                     for r in ranks) for k in first}
+    result: dict = {"forward": {}, "grad": {}, "bias_steps": [], "rank_spread": spread, "dtypes": dtypes}
+    for key, value in first.items():
+        kind, _, name = key.partition("/")
+        if kind == "bias":
+            i, _, name = name.partition("/")
+            while len(result["bias_steps"]) <= int(i):
+                result["bias_steps"].append({})
+            result["bias_steps"][int(i)][name] = value
+        else:
+            result[kind][name] = value
+    return result
+
+
+# ----------------------------------------------------------------------------------- rank side
+def run_jobs_on_rank(rank: int, world: int, folder: str, count: int) -> None:
+    """Rank side of ``run_mesh_jobs``: run ``folder/job{i}`` for i < count, writing ``job{i}.rank{rank}.*``."""
+    for i in range(count):
+        _run_job(rank, os.path.join(folder, f"job{i}"))
+
+
+def build_sharded_moe(cfg: MoEConfig, weights: Mapping[str, np.ndarray], dtype: str, device_mesh, train: bool):
+    """A ``moe_torch.MoE`` loaded with ``weights`` (float64 arrays), cast to ``dtype``, parallelised on
+    ``device_mesh`` (dims "ep" and/or "tp"). float64 uses the exact "loop" kernel, as the torch backend."""
+    import torch
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_torch import MoE
+    from moe_torch.parallel import ExpertParallel, ExpertTensorParallel, TensorParallel
+
+    if dtype == "float64":
+        cfg = cfg.replace(expert_kernel="loop")
+    moe = MoE(**cfg.to_kwargs())
+    tdtype = getattr(torch, dtype)
+    moe = moe.to(tdtype)
+    state = {k: torch.from_numpy(np.asarray(v, np.float64)).to(torch.float32 if k in BUFFERS else tdtype)
+             for k, v in weights.items()}
+    for k in BUFFERS:
+        state.setdefault(k, torch.zeros(cfg.num_experts))
+    moe.load_state_dict(state)
+    names = device_mesh.mesh_dim_names
+    style = (ExpertTensorParallel() if {"ep", "tp"} <= set(names) else
+             ExpertParallel() if "ep" in names else TensorParallel())
+    moe = parallelize_module(moe, device_mesh, style, src_data_rank=None)
+    return moe.train(train)
+
+
+def _run_job(rank: int, path: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from moe_torch import update_expert_bias
+    from moe_torch.parallel import all_reduce_dense_grads, token_group
+
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    with np.load(path + ".npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    cfg = MoEConfig.from_dict(meta["cfg"])
+    mesh = meta["mesh"]
+    names = tuple(n for n in MESH_AXES if n in mesh)
+    dm = init_device_mesh("cpu", tuple(mesh[n] for n in names), mesh_dim_names=names)
+    group = token_group(dm)
+    ep, ep_rank = (dm.size(names.index("ep")), dm.get_local_rank("ep")) if "ep" in names else (1, 0)
+    weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
+    dtype = meta["dtype"]
+    tdtype = getattr(torch, dtype)
+    acc = torch.float64 if dtype == "float64" else torch.float32
+
+    def shard(a):  # this rank's batch (or token-row) shard
+        n = a.shape[0] // ep
+        return a[ep_rank * n:(ep_rank + 1) * n]
+
+    def gather(t, op="cat"):
+        t = t.detach()
+        if group is None:
+            return t
+        if op == "sum":
+            t = t.clone()
+            dist.all_reduce(t, group=group)
+            return t
+        parts = [torch.empty_like(t) for _ in range(ep)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts)
+
+    out_arrays, dtypes = {}, {}
+
+    def put(key, t):
+        t = t.detach()
+        dtypes[key] = str(t.dtype).removeprefix("torch.")
+        out_arrays[key] = t.numpy() if not t.is_floating_point() else t.double().numpy()
+
+    # forward + gradients (eval mode, as the torch backend's grad)
+    moe = build_sharded_moe(cfg, weights, dtype, dm, train=False)
+    x = torch.from_numpy(shard(arrays["x"])).to(tdtype).requires_grad_(True)
+    kwargs = {"selected_experts": torch.from_numpy(shard(arrays["sel"]))} if "sel" in arrays else {}
+    if meta["extra"].get("fail_rank") == rank:  # test hook: this rank fails after the others entered a collective
+        raise RuntimeError(f"injected failure on rank {rank}")
+    out, aux = moe(x, return_aux=True, **kwargs)
+    loss = (out.to(acc) * torch.from_numpy(shard(arrays["cot"])).to(acc)).sum()
+    for key in ("load_balance_loss", "router_z_loss"):
+        if key in aux:
+            loss = loss + aux[key].to(acc)
+    loss.backward()
+    all_reduce_dense_grads(moe, group)
+    put("forward/out", gather(out))
+    for key, value in aux.items():
+        if key in ("load_balance_loss", "router_z_loss"):
+            put(f"forward/{key}", value)
+        else:
+            put(f"forward/{key}", gather(value, "sum" if key == "tokens_per_expert" else "cat"))
+    put("grad/x", gather(x.grad))
+    for name, p in moe.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        put(f"grad/{name}", g.full_tensor() if isinstance(g, DTensor) else g)
+
+    # bias steps (training mode, a fresh module as the torch backend's bias_steps)
+    moe = build_sharded_moe(cfg, weights, dtype, dm, train=True)
+    for i in range(meta["steps"]):
+        with torch.no_grad():
+            _, aux = moe(torch.from_numpy(shard(arrays[f"xs/{i}"])).to(tdtype), return_aux=True)
+            put(f"bias/{i}/tokens_per_expert", gather(moe.tokens_per_expert, "sum"))
+            put(f"bias/{i}/selected_experts", gather(aux["selected_experts"]))
+            update_expert_bias(moe, meta["lr"], group=group)
+            put(f"bias/{i}/expert_bias", moe.expert_bias)
+    np.savez(f"{path}.rank{rank}.npz", **out_arrays)
+    with open(f"{path}.rank{rank}.json", "w") as f:
+        json.dump(dtypes, f)

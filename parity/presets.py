@@ -1,0 +1,122 @@
+"""Presets: scaled-down MoE layers with the routing of real models.
+
+Each preset keeps the *routing* of a published model (score function, top-k, groups, normalisation,
+scaling, shared experts, balancing) exactly as its Hugging Face ``config.json`` states it, and scales
+the *sizes* (model dim, expert hidden dim, sometimes the number of experts) down so that a parity run
+takes seconds on a CPU. ``Preset.scaling`` says what was changed. The real models apply the routing
+weights after the experts (``score_before_experts=False``); the "default" preset keeps the original
+PyTorch module's defaults (``MoEConfig()``: sigmoid, top-1, weights applied before the experts).
+
+Sources (``config.json`` of the named Hugging Face repositories):
+
+- Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1): hidden_size 4096, intermediate_size 14336,
+  num_local_experts 8, num_experts_per_tok 2, softmax over all experts then top-2 then renormalise,
+  router_aux_loss_coef 0.02.
+- DeepSeek-V3 (deepseek-ai/DeepSeek-V3): hidden_size 7168, moe_intermediate_size 2048,
+  n_routed_experts 256, num_experts_per_tok 8, n_group 8, topk_group 4, scoring_func "sigmoid",
+  topk_method "noaux_tc" (group score = sum of the two best biased scores), norm_topk_prob True,
+  routed_scaling_factor 2.5, n_shared_experts 1, e_score_correction_bias (the expert bias),
+  aux_loss_alpha 0.001 with seq_aux True (sequence-wise balance loss).
+- DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): hidden_size 2048, moe_intermediate_size 1408,
+  n_routed_experts 64, num_experts_per_tok 6, n_shared_experts 2, scoring_func "softmax",
+  norm_topk_prob False, routed_scaling_factor 1.0, aux_loss_alpha 0.001, seq_aux True. V2-Lite itself
+  has n_group 1 / topk_method "greedy"; the preset uses the group-limited routing of DeepSeek-V2
+  (topk_method "group_limited_greedy": group score = max, n_group 8, topk_group 3) so that the
+  "max" group score is exercised.
+- Qwen3-MoE (Qwen/Qwen3-30B-A3B): hidden_size 2048, moe_intermediate_size 768, num_experts 128,
+  num_experts_per_tok 8, softmax, norm_topk_prob True, router_aux_loss_coef 0.001.
+- OLMoE (allenai/OLMoE-1B-7B-0924): hidden_size 2048, intermediate_size 1024, num_experts 64,
+  num_experts_per_tok 8, softmax, norm_topk_prob False, router_aux_loss_coef 0.01,
+  router_z_loss_coef 0.001.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parity.config import MoEConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration with its provenance.
+
+    ``source``: the model (Hugging Face repository) whose routing it copies; ``scaling``: what was
+    scaled down and from what; ``notes``: deliberate deviations from the source.
+    """
+
+    name: str
+    config: MoEConfig
+    source: str
+    scaling: str
+    notes: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "default",
+            MoEConfig(),
+            "the original PyTorch module's defaults (torchtitan-style MoE)",
+            "none: MoEConfig() as is (dim 64, hidden 128, 8 experts)",
+            "sigmoid scores, top-1, routing weight applied to the expert input",
+        ),
+        Preset(
+            "mixtral-8x7b",
+            MoEConfig(dim=64, hidden_dim=224, num_experts=8, top_k=2, score_func="softmax",
+                      route_norm=True, score_before_experts=False,
+                      load_balance_loss="switch", load_balance_coeff=0.02),
+            "mistralai/Mixtral-8x7B-v0.1",
+            "dim 4096 -> 64, hidden 14336 -> 224 (same 3.5 ratio); 8 experts top-2 kept",
+            "softmax over all experts then renormalised top-2 == softmax over the top-2 logits",
+        ),
+        Preset(
+            "deepseek-v3",
+            MoEConfig(dim=64, hidden_dim=16, num_experts=32, top_k=8, score_func="sigmoid",
+                      route_norm=True, route_scale=2.5, num_expert_groups=8, num_limited_groups=4,
+                      group_score="top2_sum", use_expert_bias=True, score_before_experts=False,
+                      num_shared_experts=1, load_balance_loss="sequence", load_balance_coeff=0.001),
+            "deepseek-ai/DeepSeek-V3",
+            "dim 7168 -> 64, moe hidden 2048 -> 16, 256 -> 32 experts (8 groups of 4 instead of 32); "
+            "top-8, 8 groups keep 4, 1 shared expert kept",
+            "route_norm divides by sum + 1e-20 (HF adds 1e-20 too)",
+        ),
+        Preset(
+            "deepseek-v2-lite",
+            MoEConfig(dim=64, hidden_dim=48, num_experts=32, top_k=6, score_func="softmax",
+                      route_norm=False, route_scale=1.0, num_expert_groups=8, num_limited_groups=3,
+                      group_score="max", score_before_experts=False, num_shared_experts=2,
+                      load_balance_loss="sequence", load_balance_coeff=0.001),
+            "deepseek-ai/DeepSeek-V2-Lite (group-limited routing of deepseek-ai/DeepSeek-V2)",
+            "dim 2048 -> 64, moe hidden 1408 -> 48, 64 -> 32 experts; top-6 and 2 shared experts kept",
+            "V2-Lite has n_group=1; groups (8 keep 3, score = max) follow DeepSeek-V2's "
+            "group_limited_greedy; route_scale 1.0 is V2-Lite's (V2 uses 16.0)",
+        ),
+        Preset(
+            "qwen3-moe",
+            MoEConfig(dim=64, hidden_dim=24, num_experts=128, top_k=8, score_func="softmax",
+                      route_norm=True, score_before_experts=False,
+                      load_balance_loss="switch", load_balance_coeff=0.001),
+            "Qwen/Qwen3-30B-A3B",
+            "dim 2048 -> 64, moe hidden 768 -> 24; 128 experts top-8 kept",
+        ),
+        Preset(
+            "olmoe",
+            MoEConfig(dim=64, hidden_dim=32, num_experts=64, top_k=8, score_func="softmax",
+                      route_norm=False, score_before_experts=False,
+                      load_balance_loss="switch", load_balance_coeff=0.01, router_z_loss_coeff=0.001),
+            "allenai/OLMoE-1B-7B-0924",
+            "dim 2048 -> 64, hidden 1024 -> 32; 64 experts top-8 kept",
+            "no renormalisation of the top-8 weights (norm_topk_prob False)",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; ``KeyError`` listing the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
