@@ -18,7 +18,7 @@ port is needed), parallelises ``moe_torch.MoE`` with ``moe_torch.parallel`` and 
   ``selected_experts`` (concatenated), ``expert_bias`` (after the update), as the backend's ``bias_steps``.
 - ``"rank_spread"``: name -> max |rank r - rank 0| over all ranks of every value above (each rank
   gathers the full result): 0 means the ranks agree bit for bit (``bias_steps`` keys as ``bias/i/name``).
-- ``"dtypes"``: name -> the dtype torch computed it in.
+- ``"dtypes"``: ``"forward/<name>"``, ``"grad/<name>"``, ``"bias/<i>/<name>"`` -> the dtype torch computed it in.
 
 Mesh: ``{"ep": n}`` -> ``ExpertParallel``, ``{"tp": n}`` -> ``TensorParallel``, ``{"ep": n, "tp": m}``
 -> ``ExpertTensorParallel`` on an (ep, tp) mesh. Ranks along ``ep`` take consecutive batch shards
@@ -54,7 +54,8 @@ INIT_TIMEOUT_S = 60
 def _child() -> None:
     """Entry point of one rank (``python -c ...``): argv = fn ("module:function"), rank, world, folder,
     collective timeout, JSON args. Builds the gloo group (``timeout`` on every collective), runs
-    ``fn(rank, world, *args)``, writes any exception with its traceback to ``folder/rank{R}.err``."""
+    ``fn(rank, world, *args)`` and a final barrier, writes any exception with its traceback to
+    ``folder/rank{R}.err``; exits 0 or 1."""
     import sys
     import traceback
 
@@ -73,14 +74,19 @@ def _child() -> None:
         store = dist.FileStore(os.path.join(folder, "store"), world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=float(timeout_s)))
-        try:
-            fn(rank, world, *json.loads(args))
-        finally:
-            dist.destroy_process_group()
+        fn(rank, world, *json.loads(args))
+        dist.barrier()  # every rank is past its last collective
     except BaseException as exc:
         with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
             f.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        sys.exit(1)
+        code = 1
+    else:
+        code = 0
+    # NOTE: os._exit skips the interpreter's teardown, where gloo's threads, still referenced by DTensor
+    # meshes and autograd graphs, sometimes abort ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def spawn(fn: str, world: int, *args, timeout_s: float = 120.0, collective_timeout_s: float = INIT_TIMEOUT_S) -> None:
