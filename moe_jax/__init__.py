@@ -1,0 +1,24 @@
+"""moe_jax: the Mixture-of-Experts layer in Flax NNX, mirroring moe_torch (DESIGN.md).
+
+Never imports torch; of ``parity`` only ``parity.config``.
+"""
+
+from moe_jax.balancing import load_balance_loss, router_z_loss, update_expert_bias
+from moe_jax.experts import GroupedExperts
+from moe_jax.feed_forward import FeedForward
+from moe_jax.moe import MoE
+from moe_jax.router import TokenChoiceTopKRouter
+from moe_jax.weights import StateDictError, load_state_dict, state_dict
+
+__all__ = [
+    "FeedForward",
+    "GroupedExperts",
+    "TokenChoiceTopKRouter",
+    "MoE",
+    "update_expert_bias",
+    "load_balance_loss",
+    "router_z_loss",
+    "load_state_dict",
+    "state_dict",
+    "StateDictError",
+]

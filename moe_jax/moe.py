@@ -1,0 +1,241 @@
+"""The MoE layer (Flax NNX): router, dispatch, experts, combine, shared expert. DESIGN.md steps (1)-(9).
+
+Shapes: ``B`` batch, ``S`` sequence, ``N = B*S`` tokens, ``D`` dim, ``E`` experts, ``k`` = top_k.
+Dispatch (``dispatch`` / ``permute``), expert compute (``GroupedExperts``) and ``combine`` are separate
+functions so that expert parallelism (``moe_jax.parallel``) can put an exchange between them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.balancing import load_balance_loss, router_z_loss
+from moe_jax.experts import GroupedExperts
+from moe_jax.feed_forward import FeedForward
+from moe_jax.router import TokenChoiceTopKRouter
+from parity.config import JAX_KERNELS, MoEConfig
+
+
+class Buffer(nnx.Variable):
+    """Non-trainable state (``expert_bias``, ``tokens_per_expert``): not a ``nnx.Param``, so ``nnx.grad``
+    and optimizers leave it alone; saved with the canonical weights."""
+
+
+# ------------------------------------------------------------------------------ dispatch / combine
+@jax.custom_vjp
+def permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``x[perm]`` for a permutation ``perm`` (with ``inverse[perm] == arange``) along axis 0.
+
+    NOTE: the gradient is the inverse gather ``g[inverse]`` instead of the scatter-add JAX derives
+    for a gather; scatters are slow on CPU and a permutation needs none.
+    """
+    return x[perm]
+
+
+def _permute_rows_fwd(x, perm, inverse):
+    return x[perm], (perm, inverse)
+
+
+def _permute_rows_bwd(res, g):
+    perm, inverse = res
+    return g[inverse], None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_tokens(tokens: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
+    """``tokens[order // k]``: each sorted row's token, (N, D) -> (N*k, D), without a repeated copy.
+
+    NOTE: gradient by the inverse gather and a sum over the k slots, not by a scatter-add.
+    """
+    return tokens[order // k]
+
+
+def _gather_tokens_fwd(tokens, order, inverse, k):
+    return tokens[order // k], (order, inverse)
+
+
+def _gather_tokens_bwd(k, res, g):
+    order, inverse = res
+    return g[inverse].reshape(-1, k, g.shape[-1]).sum(1), None, None
+
+
+gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
+
+
+def dispatch(selected_experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(6) Expert-major order of the N*k routed slots, by a stable sort (slots of one expert keep
+    token order).
+
+    selected_experts (N, k) int -> ``order`` (N*k,) int32 (flat slot index ``token * k + slot`` of each
+    sorted row), ``inverse`` (N*k,) int32 (sorted row of each flat slot), ``counts`` (E,) int32.
+    """
+    flat = selected_experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, inverse, counts
+
+
+def permute(tokens: jax.Array, routing_weights: jax.Array, order: jax.Array, inverse: jax.Array,
+            score_before_experts: bool) -> jax.Array:
+    """(6)/(8) The expert-major routed input: tokens (N, D), routing_weights (N, k) f32 -> (N*k, D).
+
+    With ``score_before_experts`` each row is scaled by its routing weight in the router's dtype
+    (float32, float64 for float64 input) and cast back to the input dtype (the order of the original
+    PyTorch module).
+    """
+    n, k = routing_weights.shape
+    rows = gather_tokens(tokens, order, inverse, k)
+    if score_before_experts:
+        w = permute_rows(routing_weights.reshape(-1), order, inverse)
+        rows = (rows.astype(w.dtype) * w[:, None]).astype(tokens.dtype)
+    return rows
+
+
+def combine(expert_out: jax.Array, routing_weights: jax.Array, order: jax.Array, inverse: jax.Array,
+            score_before_experts: bool) -> jax.Array:
+    """(8) Sum each token's k expert outputs in float32 (float64 for float64 outputs): expert_out
+    (N*k, D) sorted -> (N, D).
+
+    Without ``score_before_experts`` the outputs are multiplied by their routing weights (float32)
+    here (Mixtral, DeepSeek, Qwen, OLMoE). The caller casts back to the input dtype.
+    """
+    n, k = routing_weights.shape
+    acc = jnp.promote_types(expert_out.dtype, jnp.float32)
+    y = permute_rows(expert_out, inverse, order).astype(acc).reshape(n, k, -1)
+    if not score_before_experts:
+        y = y * routing_weights[..., None]
+    return y.sum(1)
+
+
+# --------------------------------------------------------------------------------------------- MoE
+class MoE(nnx.Module):
+    """Mixture of Experts with token-choice top-k routing; every option of ``parity.config.MoEConfig``.
+
+    Build: ``MoE(**cfg.to_kwargs(), rngs=nnx.Rngs(0), param_dtype=jnp.float32)``. Invalid options raise
+    ValueError naming the field, the value and what is allowed (an ``expert_kernel`` of another
+    backend lists the JAX kernels).
+
+    State: ``router.gate`` (D, E), ``experts.w1/w2/w3``, ``shared_expert`` (a ``FeedForward`` or None)
+    as ``nnx.Param`` in ``param_dtype``; buffers ``expert_bias`` (E,) and ``tokens_per_expert`` (E,),
+    always float32. Canonical names and layouts: ``moe_jax.load_state_dict`` / ``moe_jax.state_dict``.
+
+    Mode: ``deterministic=False`` (training, the default, like a fresh torch module) makes every
+    forward add its counts to ``tokens_per_expert``; ``module.eval()`` / ``module.train()`` switch it.
+
+    Call: ``moe(x)`` -> out; ``moe(x, return_aux=True)`` -> (out, aux). ``x`` (B, S, D) in the
+    parameters' dtype; out (B, S, D) same dtype. ``aux`` (float64 instead of f32 for float64 x): ``router_logits`` (N, E) f32, ``scores``
+    (N, E) f32, ``selected_experts`` (N, k) int32, ``routing_weights`` (N, k) f32,
+    ``tokens_per_expert`` (E,) f32 (this call), plus ``load_balance_loss`` / ``router_z_loss`` (scalar
+    f32) when enabled. ``selected_experts=`` (N, k) int replaces step (4) (locked routing).
+    Raises ValueError for a wrong rank or last dimension, TypeError for a dtype mismatch.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        hidden_dim: int = 128,
+        num_experts: int = 8,
+        top_k: int = 1,
+        score_func: str = "sigmoid",
+        route_norm: bool = False,
+        route_scale: float = 1.0,
+        num_expert_groups: int | None = None,
+        num_limited_groups: int | None = None,
+        group_score: str = "max",
+        score_before_experts: bool = True,
+        num_shared_experts: int = 0,
+        shared_hidden_dim: int | None = None,
+        expert_kernel: str = "auto",
+        use_expert_bias: bool = False,
+        load_balance_loss: str | None = None,
+        load_balance_coeff: float = 0.01,
+        router_z_loss_coeff: float = 0.0,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
+        cfg = MoEConfig(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
+                        score_func=score_func, route_norm=route_norm, route_scale=route_scale,
+                        num_expert_groups=num_expert_groups, num_limited_groups=num_limited_groups,
+                        group_score=group_score, score_before_experts=score_before_experts,
+                        num_shared_experts=num_shared_experts, shared_hidden_dim=shared_hidden_dim,
+                        expert_kernel=expert_kernel, use_expert_bias=use_expert_bias,
+                        load_balance_loss=load_balance_loss, load_balance_coeff=load_balance_coeff,
+                        router_z_loss_coeff=router_z_loss_coeff)
+        if expert_kernel not in JAX_KERNELS:
+            raise ValueError(f"expert_kernel={expert_kernel!r} is not a JAX kernel; allowed: {JAX_KERNELS}")
+        self.config = cfg
+        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.score_before_experts = score_before_experts
+        self.use_expert_bias = use_expert_bias
+        self.load_balance_loss = load_balance_loss
+        self.load_balance_coeff = load_balance_coeff
+        self.router_z_loss_coeff = router_z_loss_coeff
+        self.deterministic = False
+        self.router = TokenChoiceTopKRouter(
+            dim, num_experts, top_k, score_func, route_norm, route_scale, num_expert_groups,
+            num_limited_groups, group_score, rngs=rngs, param_dtype=param_dtype)
+        self.experts = GroupedExperts(dim, hidden_dim, num_experts, expert_kernel, rngs=rngs,
+                                      param_dtype=param_dtype)
+        self.shared_expert = (FeedForward(dim, cfg.shared_dim, rngs=rngs, param_dtype=param_dtype)
+                              if num_shared_experts else None)
+        self.expert_bias = Buffer(jnp.zeros((num_experts,), jnp.float32))
+        self.tokens_per_expert = Buffer(jnp.zeros((num_experts,), jnp.float32))
+
+    def _check_input(self, x: jax.Array, selected_experts: jax.Array | None) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [batch, seq_len, dim={self.dim}]")
+        param_dtype = self.experts.w1.dtype
+        if x.dtype != param_dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the expert weights are {param_dtype}; "
+                            f"cast x (or build the MoE with param_dtype={x.dtype})")
+        if selected_experts is None:
+            return
+        expected = (x.shape[0] * x.shape[1], self.top_k)
+        if tuple(selected_experts.shape) != expected:
+            raise ValueError(f"selected_experts has shape {tuple(selected_experts.shape)}; expected "
+                             f"[num_tokens={expected[0]}, top_k={expected[1]}]")
+        if not jnp.issubdtype(selected_experts.dtype, jnp.integer):
+            raise TypeError(f"selected_experts has dtype {selected_experts.dtype}; expected an integer dtype")
+        if not isinstance(selected_experts, jax.core.Tracer):
+            lo, hi = int(jnp.min(selected_experts)), int(jnp.max(selected_experts))
+            if lo < 0 or hi >= self.num_experts:
+                raise ValueError(f"selected_experts holds values in [{lo}, {hi}]; expected expert "
+                                 f"indices in [0, num_experts={self.num_experts})")
+
+    def __call__(self, x: jax.Array, return_aux: bool = False, selected_experts: jax.Array | None = None):
+        self._check_input(x, selected_experts)
+        b, s, d = x.shape
+        tokens = x.reshape(b * s, d)
+        bias = self.expert_bias[...] if self.use_expert_bias else None
+        # (1)-(5) router
+        aux = self.router(tokens, expert_bias=bias, selected_experts=selected_experts)
+        idx, w = aux["selected_experts"], aux["routing_weights"]
+        # (6) stable expert-major dispatch
+        order, inverse, counts = dispatch(idx, self.num_experts)
+        routed = permute(tokens, w, order, inverse, self.score_before_experts)
+        # (7) experts, in the input dtype
+        expert_out = self.experts(routed, counts)
+        # (8) combine in float32, back to the input dtype
+        out = combine(expert_out, w, order, inverse, self.score_before_experts).astype(x.dtype)
+        # (9) shared experts see every token
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        if not self.deterministic:
+            self.tokens_per_expert[...] = self.tokens_per_expert[...] + aux["tokens_per_expert"]
+        if self.load_balance_loss is not None:
+            aux["load_balance_loss"] = load_balance_loss(
+                aux["scores"], idx, self.num_experts, self.load_balance_coeff, self.load_balance_loss,
+                batch=b)
+        if self.router_z_loss_coeff > 0:
+            aux["router_z_loss"] = router_z_loss(aux["router_logits"], self.router_z_loss_coeff)
+        out = out.reshape(b, s, d)
+        return (out, aux) if return_aux else out

@@ -1,0 +1,111 @@
+"""Canonical weights (DESIGN.md): ``load_state_dict`` / ``state_dict`` between NNX modules and the flat
+PyTorch-layout mapping name -> array that every backend and the harness exchange.
+
+moe_jax keeps matrices in the JAX ``x @ w`` layout ([in, out]); canonical ones are PyTorch's
+[out, in]. The table below is the only place that knows both, so a transpose cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_T2 = (1, 0)  # [in, out] <-> [out, in]
+_T3 = (0, 2, 1)  # [E, in, out] <-> [E, out, in]
+
+# internal NNX path -> (canonical name, axes permutation between the two layouts; an involution)
+_CANONICAL: dict[str, tuple[str, tuple[int, ...] | None]] = {
+    "router.gate": ("router.gate.weight", _T2),
+    "experts.w1": ("experts.w1", _T3),
+    "experts.w2": ("experts.w2", _T3),
+    "experts.w3": ("experts.w3", _T3),
+    "shared_expert.w1": ("shared_expert.w1.weight", _T2),
+    "shared_expert.w2": ("shared_expert.w2.weight", _T2),
+    "shared_expert.w3": ("shared_expert.w3.weight", _T2),
+    "expert_bias": ("expert_bias", None),
+    "tokens_per_expert": ("tokens_per_expert", None),
+    # standalone submodules use the names their PyTorch twins give them
+    "gate": ("gate.weight", _T2),
+    "w1": ("w1", _T3),
+    "w2": ("w2", _T3),
+    "w3": ("w3", _T3),
+}
+
+
+class StateDictError(ValueError):
+    """Canonical weights that do not fit the module: lists every missing, extra or mis-shaped key."""
+
+
+def _is_feed_forward(root) -> bool:
+    from moe_jax.feed_forward import FeedForward
+
+    return isinstance(root, FeedForward)
+
+
+def _canonical_name(path: str, root) -> tuple[str, tuple[int, ...] | None]:
+    if _is_feed_forward(root) and path in ("w1", "w2", "w3"):
+        return f"{path}.weight", _T2  # a FeedForward's w1 is an nn.Linear in PyTorch
+    if path not in _CANONICAL:
+        raise StateDictError(f"no canonical name for the NNX variable {path!r}")
+    return _CANONICAL[path]
+
+
+def _variables(root) -> dict[str, tuple[str, tuple[int, ...] | None, nnx.Variable]]:
+    """canonical name -> (internal path, permutation, Variable) of a module or an ``nnx.State``."""
+    state = nnx.state(root) if isinstance(root, nnx.Module) else root
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        internal = ".".join(str(p) for p in path)
+        name, perm = _canonical_name(internal, root)
+        out[name] = (internal, perm, var)
+    return out
+
+
+def _to_canonical(value, perm) -> np.ndarray:
+    value = np.asarray(value)
+    return np.ascontiguousarray(value.transpose(perm) if perm is not None else value)
+
+
+def state_dict(module) -> dict[str, np.ndarray]:
+    """The canonical mapping (NumPy arrays, PyTorch layout, parameters' dtype) of ``module``.
+
+    ``module``: a ``moe_jax.MoE`` (or ``FeedForward`` / ``GroupedExperts`` / ``TokenChoiceTopKRouter``),
+    or an ``nnx.State`` such as the gradients returned by ``nnx.grad`` (parameters only), so gradients
+    can be compared by canonical name.
+    """
+    return {name: _to_canonical(var[...], perm) for name, (_, perm, var) in _variables(module).items()}
+
+
+def load_state_dict(module: nnx.Module, mapping: Mapping[str, object], *, strict: bool = True) -> None:
+    """Write canonical weights (PyTorch layout) into ``module`` in place, cast to each variable's dtype.
+
+    Every key is checked before anything is written: missing (unless ``strict=False``), unexpected
+    and mis-shaped keys raise one ``StateDictError`` (a ValueError) listing each with the expected and
+    the given shape. ``expert_bias`` / ``tokens_per_expert`` stay float32.
+    """
+    targets = _variables(module)
+    problems = []
+    for name, (_, perm, var) in targets.items():
+        expected = tuple(var.shape[p] for p in perm) if perm is not None else tuple(var.shape)
+        if name not in mapping:
+            if strict:
+                problems.append(f"missing {name!r} (expected shape {list(expected)})")
+            continue
+        given = tuple(np.shape(mapping[name]))
+        if given != expected:
+            problems.append(f"{name!r} has shape {list(given)}, expected {list(expected)}")
+    for name in mapping:
+        if name not in targets:
+            problems.append(f"unexpected {name!r} (shape {list(np.shape(mapping[name]))}); "
+                            f"expected keys: {sorted(targets)}")
+    if problems:
+        raise StateDictError(f"canonical weights do not fit {type(module).__name__}:\n  "
+                             + "\n  ".join(problems))
+    for name, (_, perm, var) in targets.items():
+        if name in mapping:
+            value = np.asarray(mapping[name])
+            value = value.transpose(perm) if perm is not None else value
+            var[...] = jnp.asarray(value.astype(var.dtype))
