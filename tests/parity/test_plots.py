@@ -28,3 +28,82 @@ def test_plots_from_report_and_plain_data(tmp_path):
     assert [c.id for c in back.checks] == [c.id for c in report.checks]
     with pytest.raises(ValueError, match="no elementwise errors"):
         plot_error_histograms(back)
+
+
+# ------------------------------------------------------------------------------------------------
+# plain-data plots used by the teaching notebooks
+def test_plot_routing_marks_the_chosen_experts():
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from parity.plots import plot_routing
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((5, 8))
+    sel = np.argsort(-scores, axis=-1)[:, :2]
+    w = np.take_along_axis(scores, sel, -1)
+    fig = plot_routing({"a": {"scores": scores, "selected_experts": sel, "routing_weights": w},
+                        "b": {"scores": scores, "selected_experts": sel, "mask": scores > 0.2}},
+                       num_expert_groups=4)
+    assert isinstance(fig, Figure)
+    score_axes = [ax for ax in fig.axes if ax.get_title().endswith("k=2)")]
+    assert len(score_axes) == 2
+    assert sum(isinstance(p, Rectangle) for p in score_axes[0].patches) == sel.size  # one box per choice
+    weight_axes = [ax for ax in fig.axes if ax.get_title().startswith("routing weights") and ax.get_visible()]
+    assert len(weight_axes) == 1  # panel "b" has no weights
+    s = w.sum(-1)
+    assert f"{s.min():.2f}..{s.max():.2f}" in weight_axes[0].get_title()
+    # scores only: one row
+    assert isinstance(plot_routing({"c": {"scores": scores, "selected_experts": sel}}), Figure)
+    with pytest.raises(ValueError, match="no routing panels"):
+        plot_routing({})
+    with pytest.raises(ValueError, match="must be"):
+        plot_routing({"bad": {"scores": scores, "selected_experts": sel[:3]}})
+
+
+def test_load_imbalance_and_load_plots():
+    from matplotlib.figure import Figure
+
+    from parity.plots import load_imbalance, plot_load_imbalance, plot_load_over_steps
+
+    collapsed = np.zeros((6, 4))
+    collapsed[:, 2] = 10.0
+    balanced = np.full((6, 4), 5.0)
+    assert np.allclose(load_imbalance(collapsed), 4.0)  # every token on one of 4 experts
+    assert np.allclose(load_imbalance(balanced), 1.0)
+    nested = {"none": {"torch": collapsed, "jax": collapsed}, "bias": {"torch": balanced}}
+    fig = plot_load_over_steps(nested, smooth=3)
+    assert isinstance(fig, Figure)
+    visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert {ax.get_title() for ax in visible} == {"none (torch)", "none (jax)", "bias (torch)"}
+    assert isinstance(plot_load_over_steps({"flat": balanced}, smooth=1), Figure)
+    fig = plot_load_imbalance(nested, smooth=1)
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"none (torch)", "none (jax)", "bias (torch)"}
+    assert np.allclose(lines["none (jax)"].get_ydata(), 4.0)
+    assert lines["none (torch)"].get_linestyle() != lines["none (jax)"].get_linestyle()
+    with pytest.raises(ValueError, match=r"\[steps, num_experts\]"):
+        plot_load_imbalance({"bad": np.ones(5)})
+    with pytest.raises(ValueError, match="no loads"):
+        plot_load_over_steps({})
+
+
+def test_ulp_histograms_and_buckets():
+    from matplotlib.figure import Figure
+
+    from parity.metrics import ulp_distance
+    from parity.plots import plot_ulp_histograms, ulp_buckets
+
+    edges, labels = ulp_buckets([0, 1, 5])
+    assert edges.tolist() == [0, 1, 2, 4, 8] and labels == ["0", "1", "2-3", "4-7"]
+    assert ulp_buckets([0])[1] == ["0"]
+    expected = np.linspace(1.0, 2.0, 50)
+    u32 = ulp_distance(expected + 3 * np.spacing(np.float32(2.0)), expected, "float32")
+    fig = plot_ulp_histograms({"float32": u32, "exact": np.zeros(50)})
+    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log"
+    assert len(ax.patches) == 2 * len(ulp_buckets(u32)[1])
+    with pytest.raises(ValueError, match="no ULP"):
+        plot_ulp_histograms({})
