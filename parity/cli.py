@@ -200,7 +200,12 @@ def cmd_run(args) -> int:
         mesh = parse_mesh(args.mesh)
         if importlib.util.find_spec("parity.mesh") is None:
             raise UsageError(f"--mesh {args.mesh}: not implemented yet (sharded runners arrive with parity.mesh)")
-        runners += importlib.import_module("parity.mesh").make_runners(mesh, names)
+        if args.batch % mesh.get("ep", 1):
+            raise UsageError(f"--mesh {args.mesh}: --batch {args.batch} is not divisible by ep={mesh['ep']}")
+        try:
+            runners += importlib.import_module("parity.mesh").make_runners(mesh, names)
+        except ValueError as exc:
+            raise UsageError(f"--mesh {args.mesh}: {exc}") from None
     # --- weights ---
     if hf_weights is not None:
         weights, source = hf_weights, f"{args.hf} layer {args.layer}"
@@ -225,6 +230,7 @@ def cmd_run(args) -> int:
         raise UsageError(str(exc)) from None
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     out_console = _console()
@@ -256,12 +262,12 @@ def cmd_run(args) -> int:
         out_console.print(report.rich_table(max_rows=args.max_rows))
         for r in report.routing:
             if r.count:
-                out_console.print(f"[yellow]routing[/] {r.backend} vs {r.against}: {r.summary()}")
+                out_console.print("[yellow]routing[/] " + escape(f"{r.backend} vs {r.against}: {r.summary()}"))
         worst = report.worst(settings.dtype)
         if worst:
-            out_console.print("worst errors in " + settings.dtype + ": " + ", ".join(
+            out_console.print("worst errors in " + settings.dtype + ": " + escape(", ".join(
                 f"{k} {c.max_abs:.2e} ({c.ulp_at_scale:.1f} ULP at scale, {c.tensor}, {c.backend} vs {c.against})"
-                for k, c in worst.items()))
+                for k, c in worst.items())))
         status = "[green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
         out_console.print(f"{status} in {elapsed:.1f} s" + (f"; report in {args.out}" if args.out else ""))
     return report.exit_code
@@ -388,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tol", action="append", metavar="DTYPE=RTOL,ATOL", help="per-dtype tolerance (repeatable)")
     r.add_argument("--tie-tol", type=float, default=1e-4,
                    help="largest selection margin counted as a near-tie (default 1e-4)")
-    r.add_argument("--mesh", help="sharded runs, e.g. ep=2, tp=2, ep=2xtp=2 (not implemented yet)")
+    r.add_argument("--mesh", help="also run the sharded layers (CPU), e.g. ep=2, tp=2, ep=2xtp=2")
     r.add_argument("--out", metavar="DIR", help="write report.json, report.md and PNG plots here")
     r.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
     r.add_argument("--max-rows", type=int, default=None, help="terminal table rows (default all)")

@@ -249,6 +249,7 @@ class Report:
 
     # ---- terminal --------------------------------------------------------------------------------
     def rich_table(self, max_rows: int | None = None):
+        from rich.markup import escape  # backend names such as "jax:cpu[ep=2]" are not markup
         from rich.table import Table
 
         summ = self.summary()
@@ -264,10 +265,10 @@ class Report:
         rows = sorted(self.checks, key=Check.sort_key)
         shown = rows if max_rows is None else rows[:max_rows]
         for c in shown:
-            table.add_row(f"[{_COLOURS.get(c.status, '')}]{c.status}[/]", f"{c.kind}/{c.tensor}", c.backend,
-                          c.against, c.dtype, _fmt(c.max_abs), _fmt(c.max_rel), _fmt(c.max_ulp),
+            table.add_row(f"[{_COLOURS.get(c.status, '')}]{c.status}[/]", f"{c.kind}/{c.tensor}", escape(c.backend),
+                          escape(c.against), c.dtype, _fmt(c.max_abs), _fmt(c.max_rel), _fmt(c.max_ulp),
                           _fmt(c.ulp_at_scale, ulp=True),
-                          _fmt(c.cosine, cos=True), _fmt(c.tol_ratio), c.note)
+                          _fmt(c.cosine, cos=True), _fmt(c.tol_ratio), escape(c.note))
         if len(shown) < len(rows):
             table.caption = f"{len(rows) - len(shown)} more row(s) (all passing) in report.json / report.md"
         return table

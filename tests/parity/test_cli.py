@@ -61,7 +61,7 @@ def test_failure_exit_code_is_1(tmp_path, capsys):
     (["run", "--backends", "torch:tpu"], "unknown backend 'torch:tpu'; known backends:"),
     (["run", "--weights", "/nonexistent/w.safetensors"], "does not exist"),
     (["run", "--dtype", "int8"], "invalid choice"),
-    (["run", "--mesh", "ep=2"], "not implemented yet"),
+    (["run", "--mesh", "dp=2"], "mesh axis 'dp' is not supported"),
     (["run", "--mesh", "ep2"], "--mesh 'ep2'"),
     (["run", "--tol", "float32=abc"], "--tol"),
     (["run", "--preset", "default", "--config", "x.toml"], "at most one of"),

@@ -1,0 +1,162 @@
+"""moe_jax.parallel: EP / TP / EP x TP with shard_map on 4 host devices == the single-device layer.
+
+JAX fixes its device count when its backend starts, and this test session already started it with
+one device, so every sharded run happens in one subprocess (``parity.mesh_jax.run_worker`` with
+``--xla_force_host_platform_device_count=4``); the single-device answers (``JaxRunner``, concatenated
+batch) are computed here. "skewed" cases steer every token to two hot experts (0 and 5), so most shards
+receive no tokens for most of their experts (ep=4: shards 1 and 3 receive none at all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from parity.backends.jax_backend import JaxRunner
+from parity.mesh_jax import read_result, run_jax_mesh, run_worker
+from parity.mesh_torch import MeshJob, write_job
+from tests.cases import CASES, TOLERANCES, make_case
+
+pytestmark = pytest.mark.distributed
+
+HOT = (0, 5)
+STEPS, LR = 3, 0.01
+
+
+def skewed(weights, x):
+    """Gate and input such that every token scores experts ``HOT`` far above the rest (top-2 = HOT)."""
+    w = {k: v.copy() for k, v in weights.items()}
+    x = x.copy()
+    x[..., 0] += 4.0
+    w["router.gate.weight"][:, 0] = -3.0
+    w["router.gate.weight"][list(HOT), 0] = 3.0
+    return w, x
+
+
+def make_job(case: str, mesh: dict, skew: bool = False, dtype: str = "float32", **cfg_changes) -> MeshJob:
+    cfg = CASES[case].replace(**cfg_changes) if cfg_changes else CASES[case]
+    weights, x = make_case(cfg, seed=3, batch=4, seq_len=4)
+    if skew:
+        weights, x = skewed(weights, x)
+    rng = np.random.default_rng(7)
+    cot = rng.standard_normal(x.shape).astype(np.float32)
+    xs = [x + 0.5 * rng.standard_normal(x.shape).astype(np.float32) for _ in range(STEPS)]
+    return MeshJob(cfg, weights, x, cot, mesh, STEPS, LR, dtype, xs)
+
+
+JOBS = {
+    "ep2-shared-switch-skewed": make_job("shared_expert", {"ep": 2}, skew=True, load_balance_loss="switch"),
+    "ep4-sequence-zloss-skewed": make_job("sequence_loss_zloss", {"ep": 4}, skew=True),
+    "ep2xtp2-groups-bias": make_job("groups_top2_sum_bias", {"ep": 2, "tp": 2}),
+    "tp2-after-skewed": make_job("softmax_top2_after", {"tp": 2}, skew=True),
+}
+
+
+@pytest.fixture(scope="module")
+def world():
+    """(sharded results by job, error checks, single-device results by job); the single-device runs
+    happen here while the worker runs."""
+    with tempfile.TemporaryDirectory(prefix="moe_test_jax_parallel_") as tmp:
+        for i, job in enumerate(JOBS.values()):
+            write_job(os.path.join(tmp, f"job{i}"), job)
+        with ThreadPoolExecutor(1) as pool:
+            worker = pool.submit(run_worker, "tests.jax.parallel_worker:jobs_then_checks", tmp, len(JOBS),
+                                 devices=4, timeout_s=300)
+            single = {name: single_device(job) for name, job in JOBS.items()}
+            worker.result()
+        results = {name: read_result(os.path.join(tmp, f"job{i}")) for i, name in enumerate(JOBS)}
+        with open(os.path.join(tmp, "checks.json")) as f:
+            checks = json.load(f)
+    return results, checks, single
+
+
+def single_device(job: MeshJob) -> dict:
+    r = JaxRunner("cpu")
+    return {"forward": r.forward(job.cfg, job.weights, job.x, job.dtype),
+            "grad": r.grad(job.cfg, job.weights, job.x, job.dtype, job.cotangent),
+            "bias_steps": r.bias_steps(job.cfg, job.weights, job.xs, job.dtype, job.lr)}
+
+
+MAX_ERR: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_sharded_matches_single_device(world, name):
+    job, got, want = JOBS[name], world[0][name], world[2][name]
+    tol = TOLERANCES[job.dtype]
+    for part in ("forward", "grad"):
+        assert sorted(got[part]) == sorted(want[part]), (part, sorted(got[part]), sorted(want[part]))
+        for key, expected in want[part].items():
+            MAX_ERR[f"{name}:{part}/{key}"] = float(np.max(np.abs(got[part][key] - expected), initial=0.0))
+            np.testing.assert_allclose(got[part][key], expected, **tol, err_msg=f"{name}: {part}/{key}")
+    # expert_bias bit-identical to the single device after every step, and identical on every shard
+    for i, (g, w) in enumerate(zip(got["bias_steps"], want["bias_steps"], strict=True)):
+        for key in ("tokens_per_expert", "selected_experts", "expert_bias"):
+            np.testing.assert_array_equal(g[key], w[key], err_msg=f"{name}: bias step {i} {key}")
+    assert len(got["bias_steps"]) == STEPS
+    assert max(got["rank_spread"].values()) == 0.0, {k: v for k, v in got["rank_spread"].items() if v}
+
+
+def test_skewed_routing_leaves_experts_empty(world):
+    """ep=4 shards 1 and 3 own experts 2-3 and 6-7, which receive no token at all."""
+    counts = world[0]["ep4-sequence-zloss-skewed"]["forward"]["tokens_per_expert"]
+    assert set(np.flatnonzero(counts)) == set(HOT)
+    assert np.any(world[0]["ep4-sequence-zloss-skewed"]["bias_steps"][-1]["expert_bias"] != 0)
+
+
+def test_expert_gradient_not_scaled_by_ep(world):
+    job = JOBS["ep2-shared-switch-skewed"]
+    want = world[2]["ep2-shared-switch-skewed"]["grad"]["experts.w1"]
+    got = world[0]["ep2-shared-switch-skewed"]["grad"]["experts.w1"]
+    hot = list(HOT)
+    assert np.abs(want[hot]).max() > 1e-3
+    np.testing.assert_allclose(got[hot], want[hot], rtol=1e-5, atol=1e-6)
+    cold = [e for e in range(job.cfg.num_experts) if e not in HOT]
+    assert np.all(got[cold] == 0)
+
+
+def test_errors_on_real_meshes(world):
+    c = world[1]
+    assert "no axis named 'ep'" in c["missing_ep"] and "('tp',)" in c["missing_ep"], c["missing_ep"]
+    assert "no axis named 'tp'" in c["missing_tp"] and "('ep',)" in c["missing_tp"], c["missing_tp"]
+    assert c["not_divisible"].startswith("ValueError") and "num_experts=6" in c["not_divisible"]
+    assert "'ep' mesh size 4" in c["not_divisible"], c["not_divisible"]
+    assert "hidden_dim=5" in c["hidden_not_divisible"], c["hidden_not_divisible"]
+    assert "shared_hidden_dim=5" in c["shared_not_divisible"], c["shared_not_divisible"]
+    assert "batch 2, not divisible by the 'ep' mesh size 4" in c["batch_not_divisible"], c["batch_not_divisible"]
+    assert "exchange='nccl'" in c["exchange"], c["exchange"]
+    assert c["not_a_mesh"].startswith("TypeError"), c["not_a_mesh"]
+
+
+# ----------------------------------------------------------------------------- failures end runs
+def test_failing_worker_ends_run_with_its_error():
+    job = make_job("shared_expert", {"ep": 2})
+    job.extra["fail"] = True
+    from parity.mesh_jax import run_mesh_jobs
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"worker .* failed.*injected failure in the JAX mesh worker"):
+        run_mesh_jobs([job], timeout_s=120)
+    assert time.monotonic() - start < 120
+
+
+def test_stalled_worker_is_killed_at_timeout():
+    with tempfile.TemporaryDirectory() as tmp, pytest.raises(TimeoutError, match="timeout_s=3"):
+        run_worker("tests.jax.parallel_worker:stall", tmp, devices=2, timeout_s=3)
+
+
+@pytest.mark.parametrize("mesh, batch, match", [
+    ({"dp": 2}, 4, "mesh axis 'dp' is not supported"),
+    ({"ep": 0}, 4, "ep=0"),
+    ({"ep": 4}, 2, "batch=2 is not divisible by ep=4"),
+])
+def test_run_jax_mesh_checks_mesh_first(mesh, batch, match):
+    job = make_job("shared_expert", {"ep": 2})
+    with pytest.raises(ValueError, match=match):
+        run_jax_mesh(job.cfg, job.weights, job.x[:batch], job.cotangent[:batch], mesh)
