@@ -22,9 +22,8 @@ import numpy as np
 
 from parity.backends.base import GRAD_INPUT, Runner, Tensors
 from parity.config import MoEConfig
-from parity.mesh_torch import MeshJob
+from parity.mesh_job import MESH_AXES, MeshJob
 
-MESH_AXES = ("ep", "tp")
 FRAMEWORKS = ("torch", "jax")
 
 

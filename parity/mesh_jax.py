@@ -39,25 +39,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from parity.config import MoEConfig
-from parity.mesh_torch import MeshJob, write_job
+from parity.mesh_job import BUFFERS, MESH_AXES, MeshJob, check_mesh, write_job
 
-MESH_AXES = ("ep", "tp")
-BUFFERS = ("expert_bias", "tokens_per_expert")
 LOSSES = ("load_balance_loss", "router_z_loss")
-
-
-def check_mesh(mesh: Mapping[str, int], batch: int) -> None:
-    """``ValueError`` for an axis not in ``MESH_AXES``, a size < 1 or a batch not divisible by ``ep``."""
-    if not mesh:
-        raise ValueError("mesh is empty; expected e.g. {'ep': 2}, {'tp': 2} or {'ep': 2, 'tp': 2}")
-    for axis, size in mesh.items():
-        if axis not in MESH_AXES:
-            raise ValueError(f"mesh axis {axis!r} is not supported by the JAX mesh runner; supported: {MESH_AXES}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"mesh size {axis}={size!r} must be an integer >= 1")
-    ep = mesh.get("ep", 1)
-    if batch % ep:
-        raise ValueError(f"batch={batch} is not divisible by ep={ep}: each ep shard takes an equal batch shard")
 
 
 # ------------------------------------------------------------------------------------ parent side
@@ -105,7 +89,7 @@ def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dic
     if not jobs:
         return []
     for j in jobs:
-        check_mesh(j.mesh, np.shape(j.x)[0])
+        check_mesh(j.mesh, np.shape(j.x)[0], runner="jax")
     with tempfile.TemporaryDirectory(prefix="moe_jax_mesh_") as tmp:
         for i, job in enumerate(jobs):
             write_job(os.path.join(tmp, f"job{i}"), job)

@@ -39,14 +39,12 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from parity.config import MoEConfig
+from parity.mesh_job import BUFFERS, MESH_AXES, MeshJob, check_mesh, write_job
 
-MESH_AXES = ("ep", "tp")
-BUFFERS = ("expert_bias", "tokens_per_expert")
 INIT_TIMEOUT_S = 60
 
 
@@ -136,54 +134,6 @@ def spawn(fn: str, world: int, *args, timeout_s: float = 120.0, collective_timeo
                 p.wait()
             for f in logs:
                 f.close()
-
-
-# ------------------------------------------------------------------------------------------ jobs
-@dataclass
-class MeshJob:
-    """One sharded run: the arguments of ``run_torch_mesh`` (see there)."""
-
-    cfg: MoEConfig
-    weights: Mapping[str, np.ndarray]
-    x: np.ndarray
-    cotangent: np.ndarray
-    mesh: dict[str, int]
-    steps: int = 3
-    lr: float = 1e-3
-    dtype: str = "float32"
-    xs: Sequence[np.ndarray] | None = None
-    selected_experts: np.ndarray | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def check_mesh(mesh: Mapping[str, int], batch: int) -> None:
-    """``ValueError`` for an axis not in ``MESH_AXES``, a size < 1 or a batch not divisible by ``ep``."""
-    if not mesh:
-        raise ValueError("mesh is empty; expected e.g. {'ep': 2}, {'tp': 2} or {'ep': 2, 'tp': 2}")
-    for axis, size in mesh.items():
-        if axis not in MESH_AXES:
-            raise ValueError(f"mesh axis {axis!r} is not supported by the torch mesh runner; supported: {MESH_AXES}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"mesh size {axis}={size!r} must be an integer >= 1")
-    ep = mesh.get("ep", 1)
-    if batch % ep:
-        raise ValueError(f"batch={batch} is not divisible by ep={ep}: each ep rank takes an equal batch shard")
-
-
-def write_job(path: str, job: MeshJob) -> None:
-    """Write ``job`` as ``path.npz`` (arrays, float64 / int64) + ``path.json`` (config, mesh, steps, lr, dtype)."""
-    arrays = {f"w/{k}": np.asarray(v, np.float64) for k, v in job.weights.items()}
-    arrays["x"], arrays["cot"] = np.asarray(job.x, np.float64), np.asarray(job.cotangent, np.float64)
-    xs = list(job.xs) if job.xs is not None else [job.x] * job.steps
-    for i, xi in enumerate(xs):
-        arrays[f"xs/{i}"] = np.asarray(xi, np.float64)
-    if job.selected_experts is not None:
-        arrays["sel"] = np.asarray(job.selected_experts, np.int64)
-    np.savez(path + ".npz", **arrays)
-    meta = dict(cfg=job.cfg.to_dict(), mesh=dict(job.mesh), steps=len(xs), lr=job.lr, dtype=job.dtype,
-                extra=job.extra)
-    with open(path + ".json", "w") as f:
-        json.dump(meta, f)
 
 
 def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dict]:

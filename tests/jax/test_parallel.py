@@ -20,7 +20,7 @@ import pytest
 
 from parity.backends.jax_backend import JaxRunner
 from parity.mesh_jax import read_result, run_jax_mesh, run_worker
-from parity.mesh_torch import MeshJob, write_job
+from parity.mesh_job import MeshJob, write_job
 from tests.cases import CASES, TOLERANCES, make_case
 
 pytestmark = pytest.mark.distributed

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from moe_torch import update_expert_bias
-from parity.mesh_torch import MeshJob, check_mesh, collect_job, run_torch_mesh, spawn, write_job
+from parity.mesh_job import MeshJob, check_mesh, write_job
+from parity.mesh_torch import collect_job, run_torch_mesh, spawn
 from parity.reference import update_expert_bias as ref_update_expert_bias
 from tests.cases import CASES, TOLERANCES, make_case
 from tests.torch.conftest import build_moe
