@@ -34,10 +34,11 @@ MESH_RE = re.compile(r"^(ep|tp|etp|dp)=\d+(x(ep|tp|etp|dp)=\d+)*$")
 
 
 def _console(**kwargs):
-    """A rich console; 200 columns when stdout is not a terminal (pipes, files, tests)."""
+    """A rich console: the terminal's width, or ``$COLUMNS``, or 120 columns when piped to a file."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 200, **kwargs)
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+    return Console(width=width, **kwargs)
 
 
 class UsageError(Exception):
@@ -259,7 +260,7 @@ def cmd_run(args) -> int:
     if args.json:
         print(report.to_json())
     else:
-        out_console.print(report.rich_table(max_rows=args.max_rows))
+        out_console.print(report.rich_table(max_rows=args.max_rows or None, out_path=args.out))
         for r in report.routing:
             if r.count:
                 out_console.print("[yellow]routing[/] " + escape(f"{r.backend} vs {r.against}: {r.summary()}"))
@@ -268,6 +269,11 @@ def cmd_run(args) -> int:
             out_console.print("worst errors in " + settings.dtype + ": " + escape(", ".join(
                 f"{k} {c.max_abs:.2e} ({c.ulp_at_scale:.1f} ULP at scale, {c.tensor}, {c.backend} vs {c.against})"
                 for k, c in worst.items())))
+        if not report.backends_ran:
+            reasons = "; ".join(f"{b['name']}: {b['reason']}" for b in report.backends)
+            err_console.print(escape(f"{PROG}: error: none of the selected backends could run here ({reasons})"),
+                              soft_wrap=True)
+            return 2
         status = "[green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
         out_console.print(f"{status} in {elapsed:.1f} s" + (f"; report in {args.out}" if args.out else ""))
     return report.exit_code

@@ -371,7 +371,8 @@ class _Run:
             if g is not None and g64 is not None and dtype != "float64":
                 self._compare_grads(r.name, f"{r.name}@float64", g, g64, note)
         for a, b in itertools.combinations(grads, 2):
-            self._compare_grads(a, b, grads[a][0], grads[b][0], "; ".join(filter(None, [grads[a][1], grads[b][1]])))
+            notes = dict.fromkeys(filter(None, [grads[a][1], grads[b][1]]))  # once each, in order
+            self._compare_grads(a, b, grads[a][0], grads[b][0], "; ".join(notes))
         if dtype != "float64":
             for a, b in itertools.combinations(grads64, 2):
                 self._compare_grads(f"{a}@float64", f"{b}@float64", grads64[a][0], grads64[b][0],

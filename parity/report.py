@@ -3,7 +3,7 @@
 ``report.json`` (``Report.to_json``; schema "moe-parity/report/1"; keys are stable):
 
 - ``schema``: "moe-parity/report/1".
-- ``summary``: ``status`` ("pass" | "fail"), ``exit_code`` (0 | 1), counts ``passed``, ``failed``,
+- ``summary``: ``status`` ("pass" | "fail"), ``exit_code`` (0 | 1 | 2: no backend ran), counts ``passed``, ``failed``,
   ``warned``, ``skipped``, ``backends_ran`` (list of names), ``worst`` (id of the worst check).
 - ``settings``: ``preset``, ``config`` (every MoEConfig field), ``dtype``, ``batch``, ``seq_len``,
   ``seed``, ``steps``, ``bias_lr``, ``lock_routing``, ``tie_tol``, ``tolerances``
@@ -163,6 +163,9 @@ class Report:
 
     @property
     def exit_code(self) -> int:
+        """0: every check passed; 1: a check failed; 2: none of the selected backends could run (usage)."""
+        if not self.backends_ran:
+            return 2
         return 0 if self.passed else 1
 
     def worst(self, dtype: str | None = None, kinds=("forward", "grad")) -> dict[str, Check]:
@@ -248,7 +251,14 @@ class Report:
         return "\n".join(lines)
 
     # ---- terminal --------------------------------------------------------------------------------
-    def rich_table(self, max_rows: int | None = None):
+    def rich_table(self, max_rows: int | None = None, out_path: str | None = None):
+        """The terminal table: one row per check, worst first, sized for a 120-column terminal.
+
+        Only the columns that decide a verdict are shown (max abs error, error in ULPs at the tensor's
+        scale, cosine, tolerance ratio); max relative error and per-element ULPs are in report.json /
+        report.md. ``out_path``: where the full report was written, named in the caption when rows are cut.
+        """
+        from rich import box
         from rich.markup import escape  # backend names such as "jax:cpu[ep=2]" are not markup
         from rich.table import Table
 
@@ -256,21 +266,30 @@ class Report:
         title = (f"moe-parity: {summ['status'].upper()}  ({summ['passed']} passed, {summ['failed']} failed, "
                  f"{summ['warned']} warned, {summ['skipped']} skipped)  preset={self.settings.get('preset')} "
                  f"dtype={self.settings.get('dtype')}")
-        table = Table(title=title, show_lines=False, header_style="bold")
-        for col, just in (("status", "left"), ("check", "left"), ("backend", "left"), ("against", "left"),
-                          ("dtype", "left"), ("max abs", "right"), ("max rel", "right"), ("ULP", "right"),
-                          ("ULP@scale", "right"),
-                          ("cosine", "right"), ("tol ratio", "right"), ("note", "left")):
-            table.add_column(col, justify=just, overflow="fold")
+        table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=True)
+        for col in ("status", "check", "backend", "against", "max abs", "ULP", "cosine", "tol", "note"):
+            table.add_column(col, justify="left" if col in ("status", "check", "backend", "against", "note")
+                             else "right", no_wrap=True)
         rows = sorted(self.checks, key=Check.sort_key)
         shown = rows if max_rows is None else rows[:max_rows]
+        notes: dict[str, int] = {}  # note text -> footnote number, so long notes don't widen the table
         for c in shown:
+            against = c.against if c.dtype == self.settings.get("dtype") or "@" in c.against else f"{c.against} ({c.dtype})"
+            ref = f"[{notes.setdefault(c.note, len(notes) + 1)}]" if c.note else ""
             table.add_row(f"[{_COLOURS.get(c.status, '')}]{c.status}[/]", f"{c.kind}/{c.tensor}", escape(c.backend),
-                          escape(c.against), c.dtype, _fmt(c.max_abs), _fmt(c.max_rel), _fmt(c.max_ulp),
-                          _fmt(c.ulp_at_scale, ulp=True),
-                          _fmt(c.cosine, cos=True), _fmt(c.tol_ratio), escape(c.note))
+                          escape(against), _fmt(c.max_abs), _fmt(c.ulp_at_scale, ulp=True),
+                          _fmt(c.cosine, cos=True), _fmt(c.tol_ratio), escape(ref))
+        lines = ["ULP: error in units in the last place of the tensor's largest value; tol: error / tolerance "
+                 "(< 1 passes)."]
+        lines += [escape(f"[{n}] {text}") for text, n in notes.items()]
         if len(shown) < len(rows):
-            table.caption = f"{len(rows) - len(shown)} more row(s) (all passing) in report.json / report.md"
+            where = f"in {out_path}/report.json and report.md" if out_path else "with --out DIR (or --max-rows 0 for all)"
+            hidden = rows[len(shown):]
+            counts = ", ".join(f"{sum(c.status == st for c in hidden)} {st}" for st in (FAIL, WARN, PASS, SKIP)
+                               if any(c.status == st for c in hidden))
+            lines.append(f"{len(hidden)} more row(s) ({counts}): see them {where}")
+        table.caption = "\n".join(lines)
+        table.caption_justify = "left"
         return table
 
 
@@ -282,7 +301,7 @@ def _fmt(v, cos: bool = False, ulp: bool = False) -> str:
     if isinstance(v, int):
         return str(v)
     if cos:
-        return f"{v:.7f}"
+        return f"{v:.6f}"
     return f"{v:.2e}" if v != 0 else "0"
 
 

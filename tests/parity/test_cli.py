@@ -52,8 +52,19 @@ def test_failure_exit_code_is_1(tmp_path, capsys):
     code, out, _ = run(capsys, "run", "--weights", str(path), "--backends", "reference", "--quiet",
                        "--no-grads", "--steps", "0")
     assert code == 0  # NaN in both the reference and the fake backend agree (NaN == NaN)
-    code, out, _ = run(capsys, "run", "--backends", "torch:cuda", "--quiet")
-    assert code == 1  # nothing ran: never a pass
+    # zero tolerance: float32 rounding alone fails the torch-vs-reference checks
+    code, out, _ = run(capsys, "run", "--backends", "torch:cpu", "--quiet", "--no-grads", "--steps", "0",
+                       "--rtol", "0", "--atol", "0")
+    assert code == 1 and "FAIL" in out
+
+
+def test_no_backend_could_run_is_exit_2_never_a_pass(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, out, err = run(capsys, "run", "--backends", "torch:cuda", "--quiet")
+    assert code == 2
+    assert "none of the selected backends could run here" in err and "torch:cuda" in err
 
 
 @pytest.mark.parametrize("argv, message", [
