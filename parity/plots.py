@@ -112,9 +112,13 @@ def plot_bias_trajectory(trajectory, title: str = "expert_bias after each update
     fig, axes = _figure(len(trajectory), 3)
     for ax, (name, steps) in zip(axes, trajectory.items(), strict=False):
         arr = np.asarray(steps, np.float64)
-        ax.plot(np.arange(1, arr.shape[0] + 1), arr, linewidth=0.8)
+        # NOTE: the steps are lr-sized (1e-3) against a bias that may spread far wider, so each expert's
+        # line is drawn relative to its value after the first update: the updates stay visible.
+        ax.plot(np.arange(1, arr.shape[0] + 1), arr - arr[:1], linewidth=0.8, marker=".")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_xlabel("update step")
+        ax.set_ylabel("expert_bias - its value at step 1", fontsize=8)
     fig.suptitle(title)
     return fig
 
