@@ -50,34 +50,56 @@ def loop_experts(w1, w2, w3, x, counts):
 
 
 # ---------------------------------------------------------------------------------- grouped_mm
-class _GroupedMM(torch.autograd.Function):
-    """``y[rows of e] = x[rows of e] @ w[e]^T`` per group with ``F.grouped_mm``; x (M, in), w (E, out, in).
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` with the rows past ``offs[-1]`` of a 2-D x 3-D product zeroed (it leaves them
+    unwritten: uninitialised memory, NaN in bf16)."""
+    y = F.grouped_mm(a, b, offs=offs)
+    return _zero_rows_past(y, offs[-1]) if b.ndim == 3 else y
 
-    NOTE: a custom backward for three reasons. (a) grouped_mm's CPU backward rejects the expanded,
-    stride-0 gradient that ``y.sum()`` produces ("Invalid strides/sizes"), so the gradient is made
-    contiguous first. (b) grouped_mm leaves rows past ``offs[-1]`` unwritten (uninitialised memory, NaN
-    in bf16), in the forward and in the input gradient, so those rows are zeroed in both. (c) The
-    weight gradient of an expert without rows is an exact zero (grouped_mm writes zeros there).
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """The whole expert MLP of the "grouped_mm" kernel as one autograd node.
+
+    Forward: ``h1 = x @ W1[e]^T``, ``h3 = x @ W3[e]^T``, ``y = (silu(h1) * h3) @ W2[e]^T`` per expert
+    (three grouped GEMMs). Saved for backward: x, h1 and h3 only (``silu(h1) * h3`` is recomputed,
+    elementwise), i.e. (D + 2H) values per row where autograd through separate ops keeps (D + 4H):
+    x, h1, silu(h1), h3 and h.
+
+    NOTE: (a) the backward is written out (measured on CPU at the issue-7 medium config, see
+    benchmarks/bench_moe.py: fewer autograd nodes, less memory); it uses ``aten.silu_backward`` and the
+    same GEMM layouts as autograd through "loop" (weights as transposed views, ``x @ w.T``), so the two
+    kernels agree to the last bit in float32 forward and to rounding in the backward. A contiguous
+    transposed weight copy, or one fused W1|W3 GEMM, would change the rounding (NN vs NT GEMM; silu
+    of a strided view takes another vector path). (b) The gradient is made contiguous first
+    (grouped_mm's CPU backward rejects the stride-0 gradient of ``y.sum()``). (c) Rows past
+    ``offs[-1]`` get zero output and zero input gradient; an expert without rows gets an exact zero
+    weight gradient (grouped_mm writes zeros there).
     """
 
     @staticmethod
-    def forward(ctx, x, w, offs):
-        ctx.save_for_backward(x, w, offs)
-        return _zero_rows_past(F.grouped_mm(x, w.transpose(-2, -1), offs=offs), offs[-1])
+    def forward(ctx, x, w1, w2, w3, offs):
+        h1 = _gmm(x, w1.transpose(1, 2), offs)  # (rows, H)
+        h3 = _gmm(x, w3.transpose(1, 2), offs)
+        y = _gmm(F.silu(h1) * h3, w2.transpose(1, 2), offs)  # (rows, D)
+        ctx.save_for_backward(x, w1, w2, w3, offs, h1, h3)
+        return y
 
     @staticmethod
-    def backward(ctx, grad):
-        x, w, offs = ctx.saved_tensors
-        if grad.numel() == 0:  # NOTE: an empty gradient may keep stride 0 even after .contiguous()
-            return torch.zeros_like(x), torch.zeros_like(w), None
-        grad = grad.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _zero_rows_past(F.grouped_mm(grad, w, offs=offs), offs[-1])
-        if ctx.needs_input_grad[1]:
-            # 2-D x 2-D: the row dimension is the jagged reduction dim -> (E, out, in)
-            grad_w = F.grouped_mm(grad.transpose(0, 1), x, offs=offs)
-        return grad_x, grad_w, None
+    def backward(ctx, dy):
+        x, w1, w2, w3, offs, h1, h3 = ctx.saved_tensors
+        if dy.numel() == 0:  # NOTE: an empty gradient may keep stride 0 even after .contiguous()
+            return torch.zeros_like(x), torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3), None
+        dy = dy.contiguous()
+        silu = F.silu(h1)
+        dh = _gmm(dy, w2, offs)  # (rows, H); w2 (E, D, H) is already (K, N) per expert
+        dw2 = _gmm(dy.transpose(0, 1), silu * h3, offs)  # (E, D, H)
+        dh1 = torch.ops.aten.silu_backward(dh * h3, h1)
+        dh3 = dh * silu
+        del dh, silu
+        dx = _gmm(dh1, w1, offs) + _gmm(dh3, w3, offs)  # (rows, D)
+        dw1 = _gmm(dh1.transpose(0, 1), x, offs)  # (E, H, D)
+        dw3 = _gmm(dh3.transpose(0, 1), x, offs)
+        return dx, dw1, dw2, dw3, None
 
 
 def _pad_to(t: torch.Tensor, dims: dict[int, int]) -> torch.Tensor:
@@ -95,6 +117,7 @@ def grouped_mm_experts(w1, w2, w3, x, counts):
     grew from passed only E-1). grouped_mm needs 16-byte aligned strides, so dims that are not
     multiples of 16 bytes (4 float32 / 8 bf16 elements) are zero-padded, which changes no value
     (silu(0) * 0 = 0; padded weight rows/columns get a zero gradient and are sliced away).
+    The expert MLP is one autograd node (``_GroupedSwiGLU``).
     """
     dim, hidden = x.shape[-1], w1.shape[1]
     align = 16 // x.element_size()
@@ -104,9 +127,7 @@ def grouped_mm_experts(w1, w2, w3, x, counts):
         w1, w3 = _pad_to(w1, {-2: hp, -1: dp}), _pad_to(w3, {-2: hp, -1: dp})
         w2 = _pad_to(w2, {-2: dp, -1: hp})
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    x = x.contiguous()
-    h = F.silu(_GroupedMM.apply(x, w1, offs)) * _GroupedMM.apply(x, w3, offs)
-    y = _GroupedMM.apply(h, w2, offs)
+    y = _GroupedSwiGLU.apply(x.contiguous(), w1, w2, w3, offs)
     return y[:, :dim] if dp != dim else y
 
 
@@ -171,21 +192,23 @@ KERNEL_DTYPES = {
 }
 
 # "auto": (device type, dtype) -> kernel. A fixed table (the same kernel on every run, so results are
-# reproducible), filled from measurement where a device was available. CPU (torch 2.13, 2 shared
-# cores, forward only unless stated, best of 2-5 runs):
-#   D=64   H=128 E=8  k=2 N=512   f32 loop 0.62 ms / grouped_mm 0.95 ms; bf16 0.80 / 0.89 ms
-#   D=256  H=512 E=16 k=2 N=2048  f32 loop 21 ms   / grouped_mm 28 ms;   bf16 11 / 13 ms
-#   D=512  H=512 E=32 k=4 N=4096  f32 loop 0.15 s  / grouped_mm 0.24 s
-#   D=1024 H=512 E=64 k=8 N=8192  f32 loop 1.3-6.2 s / grouped_mm 1.5-4.4 s (fwd+bwd 12.7 / 5.1 s);
-#                                 bf16 loop 2.8 s / grouped_mm 2.0 s (fwd+bwd 6.4 / 3.5 s)
-# i.e. the loop wins consistently up to medium sizes and the large-size timings are within the noise
-# of a shared machine, so CPU uses "loop". CUDA was not measured in this task (no GPU drawn): bf16
-# follows torchtitan's measured default (grouped GEMM), other CUDA dtypes stay on "loop" until the
-# benchmark issue measures them. NPU has one fast kernel. Pairs not listed use "loop".
+# reproducible), filled from measurement: benchmarks/bench_moe.py, issue-7 medium config (D=1024 H=512
+# E=64 k=8 N=8192), expert compute, ratio to a dense SwiGLU of the same FLOPs timed just before
+# (CPU: torch 2.13, 2 cores shared with other jobs, one round each, so +-20%):
+#                         forward: loop / grouped_mm     forward+backward: loop / grouped_mm
+#   float32, 2 threads    2.12 / 2.09                    2.96 / 1.45   (another run: 4.4 / 1.7)
+#   float32, 1 thread     1.80 / 1.12                    2.38 / 1.07
+#   bfloat16, 2 threads   2.58 / 1.89                    5.18 / 1.67
+# grouped_mm is never slower and its backward is 2-3x faster (loop's backward builds 3*E full-size
+# (E, out, in) gradients of weight slices and adds them). Forward-only at small sizes (D<=256,
+# N<=2048) loop was ~1.3x faster (a few ms), which does not pay for its training cost, so CPU uses
+# grouped_mm for every dtype it runs (float64 falls back to loop). CUDA: bf16 follows torchtitan's
+# default (grouped GEMM); benchmarks/gpu_check.sh measures the rest. NPU has one fast kernel.
+# Pairs not listed use "loop".
 AUTO_TABLE: dict[tuple[str, torch.dtype], str] = {
-    ("cpu", torch.float32): "loop",
-    ("cpu", torch.bfloat16): "loop",
-    ("cpu", torch.float16): "loop",
+    ("cpu", torch.float32): "grouped_mm",
+    ("cpu", torch.bfloat16): "grouped_mm",
+    ("cpu", torch.float16): "grouped_mm",
     ("cuda", torch.bfloat16): "grouped_mm",
     ("npu", torch.float32): "npu",
     ("npu", torch.bfloat16): "npu",

@@ -143,3 +143,15 @@ def test_grouped_experts_module_errors():
         ge(torch.randn(3, 8), torch.tensor([3, 0]))
     with pytest.raises(ValueError, match="expert_kernel='ragged_dot'"):
         GroupedExperts(8, 16, 4, expert_kernel="ragged_dot")
+
+
+def test_auto_rule_from_benchmark():
+    """"auto" follows AUTO_TABLE (measured by benchmarks/bench_moe.py): grouped_mm on CPU for the
+    dtypes it runs, loop for float64 (exact fallback) and for pairs not in the table."""
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert resolve_kernel("auto", cpu, dtype) == "grouped_mm"
+    assert resolve_kernel("auto", cpu, torch.float64) == "loop"
+    assert resolve_kernel("auto", SimpleNamespace(type="cuda"), torch.bfloat16) == "grouped_mm"
+    assert resolve_kernel("auto", SimpleNamespace(type="cuda"), torch.float32) == "loop"
+    assert resolve_kernel("auto", SimpleNamespace(type="xpu"), torch.float32) == "loop"
