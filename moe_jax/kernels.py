@@ -73,90 +73,146 @@ def _segments(counts, block):
     return starts, (counts + block - 1) // block
 
 
+def _zeros(shape, dtype, *like):
+    """Zeros that vary over the same ``shard_map`` axes as ``like`` (so loop carries type-check with
+    ``check_vma=True``): ``lax.full_like`` carries its argument's varying axes; adding scalar zeros
+    is exact and folded away by XLA."""
+    z = lax.full_like(like[0], 0, dtype, shape)
+    for a in like[1:]:
+        z = z + lax.full_like(a, 0, dtype, ())
+    return z
+
+
+def _upcast_matmuls(dtype) -> bool:
+    """True where the block matmuls run on float32 operands: 16-bit floats on CPU, whose XLA dot in
+    bf16/f16 is several times slower than in float32. Same semantics (float32 accumulation, one
+    rounding of each matmul output to ``dtype``), see DESIGN.md (7)."""
+    return jnp.dtype(dtype).itemsize == 2 and jax.default_backend() == "cpu"
+
+
+def _storage(dtype):
+    """(storage dtype, to storage, from storage): on CPU, 16-bit float buffers are carried as
+    ``uint16`` bit patterns, because XLA CPU converts a whole bf16 buffer to float32 and back around
+    every ``dynamic_update_slice`` / ``select`` into it (per block: 8x slower). Bit-exact."""
+    if not _upcast_matmuls(dtype):
+        return dtype, (lambda a: a), (lambda a: a)
+    return (jnp.uint16, lambda a: lax.bitcast_convert_type(a, jnp.uint16),
+            lambda a: lax.bitcast_convert_type(a, dtype))
+
+
 def _blocked_forward(w1, w2, w3, x, counts, block, save_residuals):
     """Loop over experts, then over the blocks of that expert's rows; returns y and the residuals.
 
-    NOTE: a block starting at ``start + i * block`` may run past the expert's last row into the next
-    expert's rows; those output rows are written with wrong values but are overwritten when the next
-    expert (processed later) writes its own blocks, so no row gather or padding copy is needed. The
-    buffers have ``block`` spare rows at the end so every block fits.
+    NOTE: a block starting at ``r = start + i * block`` may run past the expert's last row into the
+    next expert's rows; those output rows are written with wrong values but are overwritten when the
+    next expert (processed later) writes its own blocks, so no row gather is needed. No padded copy
+    of ``x`` either: near the end ``lax.dynamic_slice`` clamps the start to ``rows - block`` and the
+    rows before ``r`` (already final) keep their values (a masked write).
     """
     rows, dim = x.shape
     hidden = w1.shape[-1]
+    dtype = x.dtype
     starts, nblocks = _segments(counts, block)
-    xp = jnp.concatenate([x, jnp.zeros((block, dim), x.dtype)])
-    y = jnp.zeros((rows + block, dim), x.dtype)
+    offsets = jnp.arange(block)
+    upcast = _upcast_matmuls(dtype)
+    mm_dtype = jnp.float32 if upcast else dtype
+
+    def mm(a, b):  # one rounding to ``dtype`` per matmul output
+        return jnp.dot(a.astype(mm_dtype), b, preferred_element_type=mm_dtype).astype(dtype)
+
+    st, to_st, from_st = _storage(dtype)
+    xs = to_st(x)
+    y = _zeros((rows, dim), st, x, w1, w2, w3, counts)
     # pre-activations x W1, x W3 for the backward pass (a zero-size stand-in when not needed)
-    h_rows = rows + block if save_residuals else 0
-    h1 = jnp.zeros((h_rows, hidden), x.dtype)
-    h3 = jnp.zeros((h_rows, hidden), x.dtype)
+    h_rows = rows if save_residuals else 0
+    h1 = _zeros((h_rows, hidden), st, x, w1, w2, w3, counts)
+    h3 = _zeros((h_rows, hidden), st, x, w1, w2, w3, counts)
+
+    def put(buf, val, rc, keep):
+        old = lax.dynamic_slice_in_dim(buf, rc, block)
+        return lax.dynamic_update_slice_in_dim(buf, jnp.where(keep, old, to_st(val)), rc, 0)
 
     def expert_body(e, carry):
-        w1e, w2e, w3e = w1[e], w2[e], w3[e]
+        w1e, w2e, w3e = (w[e].astype(mm_dtype) for w in (w1, w2, w3))
 
         def block_body(i, carry):
             y, h1, h3 = carry
             r = starts[e] + i * block
-            xb = lax.dynamic_slice_in_dim(xp, r, block)
-            a1, a3 = xb @ w1e, xb @ w3e
-            yb = (jax.nn.silu(a1) * a3) @ w2e
+            rc = jnp.minimum(r, rows - block)  # the start dynamic_slice uses
+            keep = (rc + offsets < r)[:, None]  # rows of earlier experts inside a clamped block
+            xb = from_st(lax.dynamic_slice_in_dim(xs, rc, block))
+            a1, a3 = mm(xb, w1e), mm(xb, w3e)
+            yb = mm(jax.nn.silu(a1) * a3, w2e)
             if save_residuals:
-                h1 = lax.dynamic_update_slice_in_dim(h1, a1, r, 0)
-                h3 = lax.dynamic_update_slice_in_dim(h3, a3, r, 0)
-            return lax.dynamic_update_slice_in_dim(y, yb, r, 0), h1, h3
+                h1 = put(h1, a1, rc, keep)
+                h3 = put(h3, a3, rc, keep)
+            return put(y, yb, rc, keep), h1, h3
 
         return lax.fori_loop(0, nblocks[e], block_body, carry)
 
     y, h1, h3 = lax.fori_loop(0, w1.shape[0], expert_body, (y, h1, h3))
-    return y[:rows], (h1, h3)
+    return from_st(y), (h1, h3)  # residuals stay in the storage dtype
 
 
 def _blocked_backward(w1, w2, w3, x, counts, h1, h3, dy, block):
     """Gradients of ``_blocked_forward`` from its residuals (pre-activations ``h1 = x W1``, ``h3``)."""
     rows, dim = x.shape
+    dtype = x.dtype
     starts, nblocks = _segments(counts, block)
     ends = starts + counts.astype(jnp.int32)
-    xp = jnp.concatenate([x, jnp.zeros((block, dim), x.dtype)])
-    dyp = jnp.concatenate([dy, jnp.zeros((block, dim), dy.dtype)])
-    dx = jnp.zeros((rows + block, dim), x.dtype)
     offsets = jnp.arange(block)
-    acc = jnp.promote_types(x.dtype, jnp.float32)  # weight gradients accumulate over blocks in f32+
+    acc = jnp.promote_types(dtype, jnp.float32)  # weight gradients accumulate over blocks in f32+
+    upcast = _upcast_matmuls(dtype)
+    mm_dtype = jnp.float32 if upcast else dtype
+    st, to_st, from_st = _storage(dtype)
+    xs, dys = to_st(x), to_st(dy)
+    dx = _zeros((rows, dim), st, x, dy, h1, h3, w1, w2, w3, counts)
+
+    def mm(a, b):  # one rounding to ``dtype`` per matmul output
+        return jnp.dot(a.astype(mm_dtype), b, preferred_element_type=mm_dtype).astype(dtype)
 
     def dot_acc(a, b):
-        return jnp.dot(a, b, preferred_element_type=acc)
+        return jnp.dot(a.astype(mm_dtype), b.astype(mm_dtype), preferred_element_type=acc)
 
     def expert_body(e, carry):
         dx, dw1, dw2, dw3 = carry
-        w1e, w2e, w3e = w1[e], w2[e], w3[e]
+        # transposed weights, once per expert
+        w1t, w2t, w3t = (w[e].T.astype(mm_dtype) for w in (w1, w2, w3))
 
         def block_body(i, carry):
             dx, g1, g2, g3 = carry
             r = starts[e] + i * block
-            valid = (r + offsets < ends[e])[:, None]
-            xb = lax.dynamic_slice_in_dim(xp, r, block)
-            # rows of the next expert inside this block contribute nothing to this expert's weights
-            dyb = jnp.where(valid, lax.dynamic_slice_in_dim(dyp, r, block), 0)
-            a1 = lax.dynamic_slice_in_dim(h1, r, block)
-            a3 = lax.dynamic_slice_in_dim(h3, r, block)
+            rc = jnp.minimum(r, rows - block)
+            pos = rc + offsets
+            keep = (pos < r)[:, None]
+            valid = (pos >= r)[:, None] & (pos < ends[e])[:, None]
+            xb = from_st(lax.dynamic_slice_in_dim(xs, rc, block))
+            # rows of other experts inside this block contribute nothing to this expert's weights
+            dyb = from_st(jnp.where(valid, lax.dynamic_slice_in_dim(dys, rc, block), 0))
+            a1 = from_st(lax.dynamic_slice_in_dim(h1, rc, block))
+            a3 = from_st(lax.dynamic_slice_in_dim(h3, rc, block))
             sig = jax.nn.sigmoid(a1)
             silu = a1 * sig
             g2 = g2 + dot_acc((silu * a3).T, dyb)
-            dh = dyb @ w2e.T
+            dh = mm(dyb, w2t)
             d1 = dh * a3 * (sig * (1 + a1 * (1 - sig)))
             d3 = dh * silu
-            g1 = g1 + dot_acc(xb.T, d1)
-            g3 = g3 + dot_acc(xb.T, d3)
-            dxb = d1 @ w1e.T + d3 @ w3e.T
-            return lax.dynamic_update_slice_in_dim(dx, dxb, r, 0), g1, g2, g3
+            xbt = xb.T
+            g1 = g1 + dot_acc(xbt, d1)
+            g3 = g3 + dot_acc(xbt, d3)
+            dxb = mm(d1, w1t) + mm(d3, w3t)
+            old = lax.dynamic_slice_in_dim(dx, rc, block)
+            return lax.dynamic_update_slice_in_dim(dx, jnp.where(keep, old, to_st(dxb)), rc, 0), g1, g2, g3
 
-        zeros = tuple(jnp.zeros(w.shape, acc) for w in (w1e, w2e, w3e))
+        zeros = tuple(_zeros(w.shape[1:], acc, w, x, dy, h1, h3, counts) for w in (w1, w2, w3))
         dx, g1, g2, g3 = lax.fori_loop(0, nblocks[e], block_body, (dx, *zeros))
         return (dx, dw1.at[e].set(g1.astype(dw1.dtype)), dw2.at[e].set(g2.astype(dw2.dtype)),
                 dw3.at[e].set(g3.astype(dw3.dtype)))
 
-    init = (dx, jnp.zeros_like(w1), jnp.zeros_like(w2), jnp.zeros_like(w3))
+    like = (x, dy, h1, h3, counts)
+    init = (dx, *(_zeros(w.shape, w.dtype, w1, w2, w3, *like) for w in (w1, w2, w3)))
     dx, dw1, dw2, dw3 = lax.fori_loop(0, w1.shape[0], expert_body, init)
-    return dw1, dw2, dw3, dx[:rows]
+    return dw1, dw2, dw3, from_st(dx)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -196,6 +252,10 @@ def blocked_kernel(w1, w2, w3, x, counts, block: int | None = None):
     ``block``: rows per block (default ``block_rows(rows, E)``).
     """
     block = block or block_rows(x.shape[0], w1.shape[0])
+    rows = x.shape[0]
+    if rows < block:  # tiny inputs: pad (static shapes) so every block fits inside the rows
+        xp = jnp.concatenate([x, lax.full_like(x, 0, shape=(block - rows, x.shape[1]))])
+        return _blocked(w1, w2, w3, xp, counts.astype(jnp.int32), block)[:rows]
     return _blocked(w1, w2, w3, x, counts.astype(jnp.int32), block)
 
 
