@@ -323,7 +323,9 @@ def torch_candidates(name: str, cfg: MoEConfig, tokens: int, dtype_name: str, de
         cands.append(make(Result(**base, name=label, kind="layer"), layer_step, list(moe.parameters())))
 
     # ---- peers: transformers blocks and torchtitan's MoE, each against our layer with its semantics
-    if not opts.no_peers:
+    # NOTE: peers at the medium size (3 transformers/torchtitan layers x 2 dtypes) take minutes on 2 CPU
+    # cores: the default run times them at the small size and at medium only with --peers.
+    if not opts.no_peers and (opts.peers or name != "medium" or cuda):
         cands += torch_peers(cfg, tokens, dtype, dev, base, x_tok, gy_tok, make, param_ptrs, opts)
     loop_bytes = loop_activation_bytes(rows, d, h, torch.tensor([], dtype=dtype).element_size())
     return cands, limit, loop_bytes
@@ -635,13 +637,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one timed round, medium -> small unless --config is given")
     p.add_argument("--full", action="store_true",
                    help="every kernel in the layer, ragged_dot on CPU, every transformers implementation")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 1 with --quick)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3 on CUDA, 1 on CPU and with --quick)")
     p.add_argument("--sizes", default=None, help="override D,H,E,k,N for every config (e.g. 64,128,8,2,256)")
     p.add_argument("--no-peers", action="store_true", help="skip transformers / torchtitan")
+    p.add_argument("--peers", action="store_true",
+                   help="time the peers at the medium size too (default: small only on CPU; minutes more)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N) (CPU). NOTE: on a machine shared with other jobs each "
                         "per-expert GEMM call waits for all N threads to join; 1 shows the kernels' own cost")
     return p
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in dtypes:
         if t not in ("float32", "bfloat16", "float16"):
             raise SystemExit(f"--dtype {t!r}: not one of float32, bfloat16, float16")
-    rounds = args.rounds or (1 if args.quick else 3)
+    on_cuda = (args.device or ("cuda" if _cuda_available() else "cpu")) == "cuda"
+    rounds = args.rounds or (3 if on_cuda and not args.quick else 1)
     backends = ["torch", "jax"] if args.backend == "all" else [args.backend]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
