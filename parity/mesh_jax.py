@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from parity.config import MoEConfig
-from parity.mesh_job import BUFFERS, MESH_AXES, MeshJob, check_mesh, write_job
+from parity.mesh_job import BUFFERS, MESH_AXES, MeshJob, check_mesh, unflatten_result, write_job
 
 LOSSES = ("load_balance_loss", "router_z_loss")
 
@@ -119,18 +119,7 @@ def read_result(path: str) -> dict:
         arrays = {k: z[k] for k in z.files}
     with open(f"{path}.result.json") as f:
         meta = json.load(f)
-    result: dict = {"forward": {}, "grad": {}, "bias_steps": [], "rank_spread": meta["rank_spread"],
-                    "dtypes": meta["dtypes"]}
-    for key, value in arrays.items():
-        kind, _, name = key.partition("/")
-        if kind == "bias":
-            i, _, name = name.partition("/")
-            while len(result["bias_steps"]) <= int(i):
-                result["bias_steps"].append({})
-            result["bias_steps"][int(i)][name] = value
-        else:
-            result[kind][name] = value
-    return result
+    return unflatten_result(arrays, meta["rank_spread"], meta["dtypes"])
 
 
 # ------------------------------------------------------------------------------------ worker side

@@ -64,3 +64,22 @@ def write_job(path: str, job: MeshJob) -> None:
                 extra=job.extra)
     with open(path + ".json", "w") as f:
         json.dump(meta, f)
+
+
+def unflatten_result(flat: Mapping[str, np.ndarray], rank_spread: dict, dtypes: dict) -> dict:
+    """Worker output ``{"forward/out": ..., "grad/x": ..., "bias/<i>/<name>": ...}`` -> the runners' result.
+
+    Returns ``{"forward": {name: array}, "grad": {name: array}, "bias_steps": [{name: array}, ...],
+    "rank_spread": rank_spread, "dtypes": dtypes}`` (see ``parity.mesh_torch.run_torch_mesh``).
+    """
+    result: dict = {"forward": {}, "grad": {}, "bias_steps": [], "rank_spread": rank_spread, "dtypes": dtypes}
+    for key, value in flat.items():
+        kind, _, name = key.partition("/")
+        if kind == "bias":
+            i, _, name = name.partition("/")
+            while len(result["bias_steps"]) <= int(i):
+                result["bias_steps"].append({})
+            result["bias_steps"][int(i)][name] = value
+        else:
+            result[kind][name] = value
+    return result

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from parity.config import MoEConfig
-from parity.mesh_job import BUFFERS, MESH_AXES, MeshJob, check_mesh, write_job
+from parity.mesh_job import BUFFERS, MESH_AXES, MeshJob, check_mesh, unflatten_result, write_job
 
 INIT_TIMEOUT_S = 60
 
@@ -183,17 +183,7 @@ def collect_job(path: str, world: int) -> dict:
     first = ranks[0]
     spread = {k: max(float(np.max(np.abs(r[k].astype(np.float64) - first[k].astype(np.float64)), initial=0.0))
                      for r in ranks) for k in first}
-    result: dict = {"forward": {}, "grad": {}, "bias_steps": [], "rank_spread": spread, "dtypes": dtypes}
-    for key, value in first.items():
-        kind, _, name = key.partition("/")
-        if kind == "bias":
-            i, _, name = name.partition("/")
-            while len(result["bias_steps"]) <= int(i):
-                result["bias_steps"].append({})
-            result["bias_steps"][int(i)][name] = value
-        else:
-            result[kind][name] = value
-    return result
+    return unflatten_result(first, spread, dtypes)
 
 
 # ----------------------------------------------------------------------------------- rank side
