@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from parity.config import MoEConfig
+from parity.mesh_job import MeshJob
 from parity.weights import init_weights
 
 BASE = dict(dim=16, hidden_dim=24, num_experts=8)
@@ -48,3 +49,29 @@ TOLERANCES = {
     "bfloat16": dict(rtol=3e-2, atol=3e-2),
     "float64": dict(rtol=1e-10, atol=1e-12),
 }
+
+
+# Sharded runs (tests/torch/test_parallel.py, tests/jax/test_parallel.py): the same jobs in both frameworks.
+HOT = (0, 5)  # experts that take every token of a skewed job, so some ranks get no tokens at all
+STEPS, LR = 3, 0.01
+
+
+def skewed(weights, x):
+    """Gate and input such that every token scores experts ``HOT`` far above the rest (top-2 = HOT)."""
+    w = {k: v.copy() for k, v in weights.items()}
+    x = x.copy()
+    x[..., 0] += 4.0
+    w["router.gate.weight"][:, 0] = -3.0
+    w["router.gate.weight"][list(HOT), 0] = 3.0
+    return w, x
+
+
+def make_job(case: str, mesh: dict, skew: bool = False, dtype: str = "float32", **cfg_changes) -> MeshJob:
+    cfg = CASES[case].replace(**cfg_changes) if cfg_changes else CASES[case]
+    weights, x = make_case(cfg, seed=3, batch=4, seq_len=4)
+    if skew:
+        weights, x = skewed(weights, x)
+    rng = np.random.default_rng(7)
+    cot = rng.standard_normal(x.shape).astype(np.float32)
+    xs = [x + 0.5 * rng.standard_normal(x.shape).astype(np.float32) for _ in range(STEPS)]
+    return MeshJob(cfg, weights, x, cot, mesh, STEPS, LR, dtype, xs)

@@ -21,33 +21,10 @@ import pytest
 from parity.backends.jax_backend import JaxRunner
 from parity.mesh_jax import read_result, run_jax_mesh, run_worker
 from parity.mesh_job import MeshJob, write_job
-from tests.cases import CASES, TOLERANCES, make_case
+from tests.cases import HOT, STEPS, TOLERANCES, make_job
 
 pytestmark = pytest.mark.distributed
 
-HOT = (0, 5)
-STEPS, LR = 3, 0.01
-
-
-def skewed(weights, x):
-    """Gate and input such that every token scores experts ``HOT`` far above the rest (top-2 = HOT)."""
-    w = {k: v.copy() for k, v in weights.items()}
-    x = x.copy()
-    x[..., 0] += 4.0
-    w["router.gate.weight"][:, 0] = -3.0
-    w["router.gate.weight"][list(HOT), 0] = 3.0
-    return w, x
-
-
-def make_job(case: str, mesh: dict, skew: bool = False, dtype: str = "float32", **cfg_changes) -> MeshJob:
-    cfg = CASES[case].replace(**cfg_changes) if cfg_changes else CASES[case]
-    weights, x = make_case(cfg, seed=3, batch=4, seq_len=4)
-    if skew:
-        weights, x = skewed(weights, x)
-    rng = np.random.default_rng(7)
-    cot = rng.standard_normal(x.shape).astype(np.float32)
-    xs = [x + 0.5 * rng.standard_normal(x.shape).astype(np.float32) for _ in range(STEPS)]
-    return MeshJob(cfg, weights, x, cot, mesh, STEPS, LR, dtype, xs)
 
 
 JOBS = {

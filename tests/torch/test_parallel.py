@@ -21,35 +21,12 @@ from moe_torch import update_expert_bias
 from parity.mesh_job import MeshJob, check_mesh, write_job
 from parity.mesh_torch import collect_job, run_torch_mesh, spawn
 from parity.reference import update_expert_bias as ref_update_expert_bias
-from tests.cases import CASES, TOLERANCES, make_case
+from tests.cases import HOT, TOLERANCES, make_job
 from tests.torch.conftest import build_moe
 
 pytestmark = pytest.mark.distributed
 
-HOT = (0, 5)
-STEPS, LR = 3, 0.01
 LOSSES = ("load_balance_loss", "router_z_loss")
-
-
-def skewed(weights, x):
-    """Gate and input such that every token scores experts ``HOT`` far above the rest (top-2 = HOT)."""
-    w = {k: v.copy() for k, v in weights.items()}
-    x = x.copy()
-    x[..., 0] += 4.0
-    w["router.gate.weight"][:, 0] = -3.0
-    w["router.gate.weight"][list(HOT), 0] = 3.0
-    return w, x
-
-
-def make_job(case: str, mesh: dict, skew: bool = False, dtype: str = "float32", **cfg_changes) -> MeshJob:
-    cfg = CASES[case].replace(**cfg_changes) if cfg_changes else CASES[case]
-    weights, x = make_case(cfg, seed=3, batch=4, seq_len=4)
-    if skew:
-        weights, x = skewed(weights, x)
-    rng = np.random.default_rng(7)
-    cot = rng.standard_normal(x.shape).astype(np.float32)
-    xs = [x + 0.5 * rng.standard_normal(x.shape).astype(np.float32) for _ in range(STEPS)]
-    return MeshJob(cfg, weights, x, cot, mesh, STEPS, LR, dtype, xs)
 
 
 WORLD2 = {
