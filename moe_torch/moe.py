@@ -19,6 +19,111 @@ ROUTER_KEYS = ("top_k", "score_func", "route_norm", "route_scale", "num_expert_g
 _FLOAT32_BUFFERS = ("expert_bias", "tokens_per_expert")
 
 
+# ------------------------------------------------------------------------------ dispatch / combine
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm`` of axis 0 (``inverse[perm] == arange``).
+
+    NOTE: the gradient is the inverse gather ``g[inverse]``, not the accumulating ``index_put`` autograd
+    derives for an index (a scatter-add: slower, and not deterministic on CUDA).
+    """
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g[inverse], None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``tokens[order // k]``: each sorted row's token, (N, D) -> (N*k, D), optionally scaled by a
+    per-row weight in float32 (float64 for float64 tokens) and cast back to the tokens' dtype.
+
+    NOTE: gradient by the inverse gather and a sum over each token's k slots, not by a scatter-add.
+    Nothing of size N*k is saved: the weight gradient re-gathers the rows from ``tokens`` (autograd
+    through ``rows.float() * w`` would keep a float32 copy of every routed row).
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, scale, order, inverse, k):
+        rows = tokens[order // k]
+        if scale is not None:
+            acc = torch.promote_types(tokens.dtype, torch.float32)
+            rows = (rows.to(acc) * scale.unsqueeze(-1).to(acc)).to(tokens.dtype)
+        ctx.k = k
+        ctx.save_for_backward(tokens if scale is not None and ctx.needs_input_grad[1] else None,
+                              scale, order, inverse)
+        return rows
+
+    @staticmethod
+    def backward(ctx, g):
+        tokens, scale, order, inverse = ctx.saved_tensors
+        dtokens = dscale = None
+        acc = torch.promote_types(g.dtype, torch.float32)
+        if ctx.needs_input_grad[0]:
+            gs = g if scale is None else (g.to(acc) * scale.unsqueeze(-1).to(acc)).to(g.dtype)
+            dtokens = gs[inverse].view(-1, ctx.k, g.shape[-1]).sum(1)
+        if ctx.needs_input_grad[1]:
+            dscale = (g.to(acc) * tokens[order // ctx.k].to(acc)).sum(-1)
+        return dtokens, dscale, None, None, None
+
+
+class _WeightedSlotSum(torch.autograd.Function):
+    """``out[n] = sum_j weights[n, j] * y[n, j]`` in float32 (float64 for float64 y); y (N, k, D) in any
+    float dtype, weights (N, k) float32/float64 or None (all ones).
+
+    NOTE: the same products and the same sum over j as autograd through ``y.float() * w`` and
+    ``.sum(1)``, but y is saved in its own dtype where autograd keeps the float32 copy (twice the
+    bytes for bfloat16 y).
+    """
+
+    @staticmethod
+    def forward(ctx, y, weights):
+        acc = torch.promote_types(y.dtype, torch.float32)
+        yf = y.to(acc)
+        if weights is not None:
+            yf = yf * weights.unsqueeze(-1).to(acc)
+        ctx.y_dtype = y.dtype
+        ctx.k = y.shape[1]
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, weights)
+        return yf.sum(1)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, weights = ctx.saved_tensors
+        g = g.unsqueeze(1)  # (N, 1, D)
+        dy = dw = None
+        if ctx.needs_input_grad[0]:
+            dy = g * weights.unsqueeze(-1).to(g.dtype) if weights is not None else g.expand(-1, ctx.k, -1)
+            dy = dy.to(ctx.y_dtype).contiguous()
+        if ctx.needs_input_grad[1]:
+            dw = (g * y.to(g.dtype)).sum(-1)
+        return dy, dw
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[perm]`` along axis 0 for a permutation ``perm`` (int64 (M,), ``inverse[perm] == arange(M)``);
+    x (M, ...) -> (M, ...). Differentiable in x (gradient ``g[inverse]``)."""
+    return _PermuteRows.apply(x, perm, inverse)
+
+
+def gather_tokens(tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``tokens[order // k]``: tokens (N, D) -> routed rows (N*k, D) in expert-major ``order`` (int64
+    (N*k,), ``inverse`` its inverse), each times ``scale`` (N*k,) float32 if given (the product in
+    float32, cast to the tokens' dtype). Differentiable in tokens and scale."""
+    return _GatherTokens.apply(tokens, scale, order, inverse, k)
+
+
+def weighted_slot_sum(y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Sum over the k slots, y (N, k, D) any float dtype, weights (N, k) or None -> (N, D) float32
+    (float64 for float64 y). Differentiable in both."""
+    return _WeightedSlotSum.apply(y, weights)
+
+
 class MoE(nn.Module):
     """Token-choice top-k Mixture-of-Experts layer with optional shared expert.
 
@@ -127,32 +232,28 @@ class MoE(nn.Module):
     def dispatch(self, tokens: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor):
         """(6) Sort the N*k routed slots expert-major with a stable sort (token order within an expert).
 
-        tokens (N, D), selected / weights (N, k) -> ``(x_routed (N*k, D), w_routed (N*k,) f32, order (N*k,))``;
-        ``order[j]`` is the flat slot (token * k + slot) of row j. With ``score_before_experts`` the
-        routing weight multiplies the routed input in float32 (cast back to the input dtype).
-        A later expert-parallel style exchanges ``x_routed`` between ranks after this step.
+        tokens (N, D), selected / weights (N, k) -> ``(x_routed (N*k, D), order (N*k,), inverse (N*k,))``;
+        ``order[j]`` is the flat slot (token * k + slot) of row j, ``inverse[order[j]] == j``. With
+        ``score_before_experts`` the routing weight multiplies the routed input in float32 (cast back
+        to the input dtype). A later expert-parallel style exchanges ``x_routed`` between ranks after
+        this step.
         """
         order = torch.argsort(selected.reshape(-1), stable=True)
-        x_routed = tokens[order // self.top_k]
-        w_routed = weights.reshape(-1)[order]
-        if self.config.score_before_experts:
-            acc = torch.promote_types(tokens.dtype, torch.float32)
-            x_routed = (x_routed.to(acc) * w_routed.unsqueeze(-1).to(acc)).to(tokens.dtype)
-        return x_routed, w_routed, order
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        scale = permute_rows(weights.reshape(-1), order, inverse) if self.config.score_before_experts else None
+        return gather_tokens(tokens, order, inverse, self.top_k, scale), order, inverse
 
-    def combine(self, y_routed: torch.Tensor, w_routed: torch.Tensor, order: torch.Tensor,
-                num_tokens: int) -> torch.Tensor:
+    def combine(self, y_routed: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                inverse: torch.Tensor) -> torch.Tensor:
         """(8) Undo the sort and sum each token's k slots in float32 -> (N, D) float32 (float64 for float64).
 
-        With ``score_before_experts=False`` the routing weight multiplies the expert output here, in
-        float32. NOTE: each slot is written once (index_copy on a permutation), then summed over the
-        k slots: no scatter-add, hence deterministic on every device.
+        y_routed (N*k, D) sorted, weights (N, k). With ``score_before_experts=False`` the routing weight
+        multiplies the expert output here, in float32. NOTE: a gather by the inverse permutation, then
+        a sum over the k slots: no scatter-add, hence deterministic on every device.
         """
-        y = y_routed.to(torch.promote_types(y_routed.dtype, torch.float32))
-        if not self.config.score_before_experts:
-            y = y * w_routed.unsqueeze(-1).to(y.dtype)
-        slots = y.new_zeros(y.shape).index_copy(0, order, y)
-        return slots.view(num_tokens, self.top_k, y.shape[-1]).sum(1)
+        n, k = weights.shape
+        slots = permute_rows(y_routed, inverse, order).view(n, k, y_routed.shape[-1])
+        return weighted_slot_sum(slots, None if self.config.score_before_experts else weights)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -183,11 +284,11 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 local_tensor(self.tokens_per_expert).add_(counts.float())
-        x_routed, w_routed, order = self.dispatch(tokens, selected, weights)
+        x_routed, order, inverse = self.dispatch(tokens, selected, weights)
         # (7) experts, in the input dtype
         y_routed = self.experts(x_routed, counts)
         # (8) combine in float32, cast back
-        out = self.combine(y_routed, w_routed, order, bs * slen).to(x.dtype)
+        out = self.combine(y_routed, weights, order, inverse).to(x.dtype)
         # (9) shared expert sees every token
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
