@@ -62,12 +62,15 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, g):
         tokens, scale, order, inverse = ctx.saved_tensors
         dtokens = dscale = None
-        acc = torch.promote_types(g.dtype, torch.float32)
+        gs = g
+        if scale is not None:
+            acc = torch.promote_types(g.dtype, torch.float32)
+            gf = g.to(acc, copy=True)  # one float32 copy for both products (multiplied in place below)
+            if ctx.needs_input_grad[1]:
+                dscale = (gf * tokens[order // ctx.k]).sum(-1)  # the product promotes to float32
+            gs = gf.mul_(scale.unsqueeze(-1).to(acc)).to(g.dtype)
         if ctx.needs_input_grad[0]:
-            gs = g if scale is None else (g.to(acc) * scale.unsqueeze(-1).to(acc)).to(g.dtype)
             dtokens = gs[inverse].view(-1, ctx.k, g.shape[-1]).sum(1)
-        if ctx.needs_input_grad[1]:
-            dscale = (g.to(acc) * tokens[order // ctx.k].to(acc)).sum(-1)
         return dtokens, dscale, None, None, None
 
 
