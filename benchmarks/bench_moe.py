@@ -396,7 +396,7 @@ def torch_peers(cfg, tokens, dtype, dev, base, x_tok, gy_tok, make, param_ptrs, 
     else:
         import transformers
 
-        families = list(HF_FAMILIES) if opts.full else ["mixtral", "deepseek_v3"]
+        families = list(HF_FAMILIES)
         impls = ["eager", "grouped_mm", "batched_mm"] if opts.full else ["eager", "grouped_mm"]
         for fam in families:
             cls_name, mod_name, block_name, kw = HF_FAMILIES[fam]
@@ -810,6 +810,20 @@ def check_targets(results: list[Result]) -> list[str]:
             ok = r.mem_ratio <= TARGETS["mem"]
             out.append(f"target {r.backend} auto memory <= {TARGETS['mem']}x loop activations: "
                        f"{r.mem_ratio:.2f} {'MET' if ok else 'MISSED'}")
+    # "auto" must be the fastest kernel measured (forward+backward) for its device and dtype
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        if not r.skipped and r.kind == "experts" and r.fwdbwd_ratio is not None:
+            groups.setdefault((r.backend, r.config, r.dtype, r.device), []).append(r)
+    for (backend, cname, dtype, device), rows in groups.items():
+        auto = next((r for r in rows if "auto" in r.note), None)
+        if auto is None or len(rows) < 2:
+            continue
+        best = min(rows, key=lambda r: r.fwdbwd_ratio)
+        ok = best is auto or auto.fwdbwd_ratio <= 1.1 * best.fwdbwd_ratio  # within one round's noise
+        out.append(f"{backend} {cname} {dtype} on {device}: auto = {auto.name} ({_fmt(auto.fwdbwd_ratio, '.2f')} fwd+bwd), "
+                   f"fastest {best.name} ({_fmt(best.fwdbwd_ratio, '.2f')}): "
+                   f"{'OK' if ok else 'auto is not the fastest here: update AUTO_TABLE'}")
     for r in results:  # GPU: achieved throughput of the grouped GEMM against the H200's dense bf16 peak
         if (not r.skipped and r.device.startswith(("cuda", "gpu")) and r.dtype == "bfloat16"
                 and r.kind == "experts" and r.fwd_flops_per_s):

@@ -203,18 +203,17 @@ KERNEL_DTYPES = {
 
 # "auto": (device type, dtype) -> kernel. A fixed table (the same kernel on every run, so results are
 # reproducible), filled from measurement: benchmarks/bench_moe.py, issue-7 medium config (D=1024 H=512
-# E=64 k=8 N=8192), expert compute, ratio to a dense SwiGLU of the same FLOPs timed just before
-# (CPU: torch 2.13, 2 cores shared with other jobs, one round each, so +-20%):
-#                         forward: loop / grouped_mm     forward+backward: loop / grouped_mm
-#   float32, 2 threads    2.12 / 2.09                    2.96 / 1.45   (another run: 4.4 / 1.7)
-#   float32, 1 thread     1.80 / 1.12                    2.38 / 1.07
-#   bfloat16, 2 threads   2.58 / 1.89                    5.18 / 1.67
-# grouped_mm is never slower and its backward is 2-3x faster (loop's backward builds 3*E full-size
-# (E, out, in) gradients of weight slices and adds them). Forward-only at small sizes (D<=256,
-# N<=2048) loop was ~1.3x faster (a few ms), which does not pay for its training cost, so CPU uses
-# grouped_mm for every dtype it runs (float64 falls back to loop). CUDA: bf16 follows torchtitan's
-# default (grouped GEMM); benchmarks/gpu_check.sh measures the rest. NPU has one fast kernel.
-# Pairs not listed use "loop".
+# E=64 k=8 N=8192), expert compute, median over 3 rounds of the ratio to a dense SwiGLU of the same
+# FLOPs timed just before (CPU: torch 2.13, 2 threads, glibc keeping freed memory; loop's backward 1 round):
+#                forward: loop / grouped_mm     forward+backward: loop / grouped_mm
+#   float32      0.99 / 0.98                    1.53 / 1.04
+#   bfloat16     1.18 / 1.15                    1.71 / 1.09
+# grouped_mm is never slower and its backward is ~1.5x faster (loop's backward builds 3*E full-size
+# (E, out, in) gradients of weight slices and adds them); at the small config (D=256, E=8, k=2) the
+# two are within 5%. So CPU uses grouped_mm for every dtype it runs (float64 falls back to loop).
+# CUDA: bf16 follows torchtitan's default (grouped GEMM); NOT yet measured here (no GPU so far):
+# benchmarks/gpu_check.sh times both kernels and its summary says whether this row holds ("auto =
+# ... fastest ..."). NPU has one fast kernel. Pairs not listed use "loop".
 AUTO_TABLE: dict[tuple[str, torch.dtype], str] = {
     ("cpu", torch.float32): "grouped_mm",
     ("cpu", torch.bfloat16): "grouped_mm",

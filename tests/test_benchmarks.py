@@ -25,7 +25,7 @@ def test_bench_moe_quick_toy_sizes(tmp_path, capsys):
     bench = _load_bench()
     out = tmp_path / "bench.json"
     rc = bench.main(["--quick", "--config", "small", "--sizes", "32,64,4,2,64", "--dtype", "float32",
-                     "--no-peers", "--json", str(out)])
+                     "--no-peers", "--system-malloc", "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     rows = data["results"]
@@ -50,3 +50,16 @@ def test_bench_moe_rejects_bad_arguments():
         bench.main(["--sizes", "1,2,3", "--backend", "torch"])
     with pytest.raises(SystemExit, match="not one of"):
         bench.main(["--config", "huge"])
+
+
+def test_check_targets_flags_an_auto_kernel_that_is_not_the_fastest():
+    bench = _load_bench()
+    base = dict(config="medium", dtype="bfloat16", backend="torch", device="cuda", flops_fwd=1.0)
+    rows = [bench.Result(**base, name="experts/loop", kind="experts", fwd_ratio=1.0, fwdbwd_ratio=1.2),
+            bench.Result(**base, name="experts/grouped_mm", kind="experts", fwd_ratio=2.0, fwdbwd_ratio=2.5,
+                         note="= auto")]
+    lines = [line for line in bench.check_targets(rows) if "auto = " in line]
+    assert lines == ["torch medium bfloat16 on cuda: auto = experts/grouped_mm (2.50 fwd+bwd), fastest experts/loop "
+                     "(1.20): auto is not the fastest here: update AUTO_TABLE"]
+    rows[1].fwdbwd_ratio = 1.25  # within 10% of the fastest: one round's noise
+    assert any(line.endswith("fastest experts/loop (1.20): OK") for line in bench.check_targets(rows))
