@@ -52,7 +52,7 @@ class _GatherTokens(torch.autograd.Function):
         rows = tokens[order // k]
         if scale is not None:
             acc = torch.promote_types(tokens.dtype, torch.float32)
-            rows = (rows.to(acc) * scale.unsqueeze(-1).to(acc)).to(tokens.dtype)
+            rows = (rows * scale.unsqueeze(-1).to(acc)).to(tokens.dtype)  # promotes: float32 products
         ctx.k = k
         ctx.save_for_backward(tokens if scale is not None and ctx.needs_input_grad[1] else None,
                               scale, order, inverse)
@@ -86,9 +86,8 @@ class _WeightedSlotSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weights):
         acc = torch.promote_types(y.dtype, torch.float32)
-        yf = y.to(acc)
-        if weights is not None:
-            yf = yf * weights.unsqueeze(-1).to(acc)
+        # bf16 * float32 promotes: the float32 products in one pass, without a float32 copy of y first
+        yf = y.to(acc) if weights is None else y * weights.unsqueeze(-1).to(acc)
         ctx.y_dtype = y.dtype
         ctx.k = y.shape[1]
         ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, weights)
@@ -103,7 +102,7 @@ class _WeightedSlotSum(torch.autograd.Function):
             dy = g * weights.unsqueeze(-1).to(g.dtype) if weights is not None else g.expand(-1, ctx.k, -1)
             dy = dy.to(ctx.y_dtype).contiguous()
         if ctx.needs_input_grad[1]:
-            dw = (g * y.to(g.dtype)).sum(-1)
+            dw = (g * y).sum(-1)
         return dy, dw
 
 
