@@ -22,9 +22,13 @@ What is measured, per config and dtype, on one device, in one process:
 Timing: after one warm-up run each (which also compiles the JAX functions and measures memory),
 every round times each candidate right after the limit; a ratio is the median over rounds of
 ``t(candidate) / t(limit just before it)``, so load from other jobs on a shared machine, which
-drifts over minutes, cancels out. glibc is told to keep freed memory for reuse (``keep_freed_memory``;
-``--system-malloc`` to skip), so large CPU tensors are not page-faulted in again on every call. ``GFLOP/s`` uses the min time and the expert FLOPs (``6 * rows * D * H`` forward, 3x
+drifts over minutes, cancels out. ``GFLOP/s`` uses the min time and the expert FLOPs (``6 * rows * D * H`` forward, 3x
 that for forward+backward; the router's ``2 * N * D * E`` is left out).
+NOTE (CPU): glibc hands every tensor above 32 MiB back to the OS when it is freed, so each call
+page-faults its outputs in again (medium config: ~3M page faults and ~5 s of system time in 14
+calls); that cost is in every timing, as in a user's own run. Keeping freed memory instead
+(``mallopt``: no mmap, no trim) cut it to 0.7M and steadied the ratios, but fragmented the heap
+until a 3-round run with peers was killed at 24 GiB, so the allocator is left as it is.
 
 Memory of forward+backward: torch counts the bytes of the tensors saved for backward
 (``torch.autograd.graph.saved_tensors_hooks``; unique storages, parameters excluded; on CUDA the note
@@ -643,34 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip transformers / torchtitan")
     p.add_argument("--peers", action="store_true",
                    help="time the peers at the medium size too (default: small only on CPU; minutes more)")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="leave glibc's allocator as it is (default: keep freed memory for reuse, see keep_freed_memory)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N) (CPU). NOTE: on a machine shared with other jobs each "
                         "per-expert GEMM call waits for all N threads to join; 1 shows the kernels' own cost")
     return p
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse (``mallopt``: no mmap for large blocks, no trimming).
-
-    NOTE: by default every CPU tensor above ~32 MiB is a fresh mmap, so each call page-faults its
-    outputs in again (kernel time that changes from call to call: at the medium config ~3M page
-    faults and 5.8 s of system time in 14 calls, vs 0.7M and 1.2 s with this, and the dense limit's
-    forward took 1.37-1.72 s vs 1.24-1.33 s). A caching allocator is what a training loop sees on
-    CUDA and what PyTorch's CPU tuning guide gets from jemalloc / tcmalloc. Returns False where glibc
-    is not the allocator (nothing changed).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, ctypes.c_int(2 ** 31 - 1)))
 
 
 def _cuda_available() -> bool:
@@ -695,13 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (3 if on_cuda and not args.quick else 1)
     backends = ["torch", "jax"] if args.backend == "all" else [args.backend]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    kept = False if args.system_malloc else keep_freed_memory()
 
     results: list[Result] = []
     t_start = time.perf_counter()
     meta: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv, "python": platform.python_version(),
-                            "machine": platform.machine(), "cpus": os.cpu_count(), "rounds": rounds,
-                            "malloc_keeps_freed_memory": kept}
+                            "machine": platform.machine(), "cpus": os.cpu_count(), "rounds": rounds}
     for cname in names:
         sizes = parse_sizes(args.sizes) if args.sizes else CONFIGS[cname]
         tokens = sizes["tokens"]

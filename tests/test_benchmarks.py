@@ -25,7 +25,7 @@ def test_bench_moe_quick_toy_sizes(tmp_path, capsys):
     bench = _load_bench()
     out = tmp_path / "bench.json"
     rc = bench.main(["--quick", "--config", "small", "--sizes", "32,64,4,2,64", "--dtype", "float32",
-                     "--no-peers", "--system-malloc", "--json", str(out)])
+                     "--no-peers", "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     rows = data["results"]
