@@ -55,11 +55,13 @@ def test_bench_moe_rejects_bad_arguments():
 def test_check_targets_flags_an_auto_kernel_that_is_not_the_fastest():
     bench = _load_bench()
     base = dict(config="medium", dtype="bfloat16", backend="torch", device="cuda", flops_fwd=1.0)
-    rows = [bench.Result(**base, name="experts/loop", kind="experts", fwd_ratio=1.0, fwdbwd_ratio=1.2),
+    rows = [bench.Result(**base, name="experts/loop", kind="experts", fwd_ratio=1.0, fwdbwd_ratio=1.2, rounds=3),
             bench.Result(**base, name="experts/grouped_mm", kind="experts", fwd_ratio=2.0, fwdbwd_ratio=2.5,
-                         note="= auto")]
+                         note="= auto", rounds=3)]
     lines = [line for line in bench.check_targets(rows) if "auto = " in line]
     assert lines == ["torch medium bfloat16 on cuda: auto = experts/grouped_mm (2.50 fwd+bwd), fastest experts/loop "
                      "(1.20): auto is not the fastest here: update AUTO_TABLE"]
+    rows[0].rounds = 1  # one round is not enough to call it
+    assert any(line.endswith("in 1 round(s): confirm with --rounds 3") for line in bench.check_targets(rows))
     rows[1].fwdbwd_ratio = 1.25  # within 10% of the fastest: one round's noise
     assert any(line.endswith("fastest experts/loop (1.20): OK") for line in bench.check_targets(rows))
