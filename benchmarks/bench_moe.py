@@ -114,7 +114,7 @@ class Candidate:
 
     def __init__(self, result: Result, fwd, fwdbwd, memory=None, rounds: int | None = None, warm: bool = True):
         self.result, self.fwd, self.fwdbwd, self.memory, self.max_rounds = result, fwd, fwdbwd, memory, rounds
-        self.warm = warm  # False: ``memory()`` already ran a forward+backward (torch CPU): warm up fwd only
+        self.warm = warm  # False: ``memory()`` already ran a forward+backward (torch CPU): no other warm-up
         self.times: dict[str, list[float]] = {"fwd": [], "fwdbwd": []}
         self.ratios: dict[str, list[float]] = {"fwd": [], "fwdbwd": []}
 
@@ -130,8 +130,8 @@ def run_interleaved(cands: list[Candidate], limit: Candidate, rounds: int, log) 
     right after the limit (fwd, then fwd+bwd): each ratio compares two adjacent timings, so a change
     of load on a shared machine during the run does not bias it.
 
-    torch CPU: the memory pass is a forward+backward and serves as that warm-up (plus one forward);
-    JAX and CUDA: one call of each function after compiling.
+    torch CPU: the memory pass is a forward+backward and serves as that warm-up (the forward runs the
+    same ops); JAX and CUDA: one call of each function after compiling.
     """
     for c in cands:
         if c.result.skipped is not None:
@@ -139,8 +139,8 @@ def run_interleaved(cands: list[Candidate], limit: Candidate, rounds: int, log) 
         try:
             if c.memory is not None:
                 c.result.mem_bytes = c.memory()
-            c.fwd()
-            if c.warm:
+            if c.warm:  # else the memory pass (a forward+backward) was the warm-up
+                c.fwd()
                 c.fwdbwd()
         except Exception as exc:  # a peer or kernel that cannot run here is reported, not fatal
             c.result.skipped = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
@@ -572,8 +572,9 @@ def jax_candidates(name: str, cfg: MoEConfig, tokens: int, dtype_name: str, opts
     heavy = platform_name == "cpu" and rows * e > 2 ** 17
     for kn, fn in KERNELS.items():
         res = Result(**base, name=f"experts/{kn}", kind="experts", note="= auto" if kn == auto else "")
-        if kn == "dense" and (e * rows * max(d, h) * dtype.itemsize > 2 ** 31 or (heavy and not opts.full)):
-            res.skipped = "dense computes every expert on every row (E x the work and memory): small sizes only"
+        if kn == "dense" and (e * rows * max(d, h) * dtype.itemsize > 2 ** 31 or (rows * e > 2 ** 14 and not opts.full)):
+            res.skipped = ("dense (the exact reference path) computes every expert on every row (E x the work "
+                           "and memory): toy sizes, or --full")
             cands.append(Candidate(res, None, None))
             continue
         if kn == "ragged_dot" and heavy and not opts.full:
