@@ -131,7 +131,8 @@ def run_interleaved(cands: list[Candidate], limit: Candidate, rounds: int, log) 
     of load on a shared machine during the run does not bias it.
 
     torch CPU: the memory pass is a forward+backward and serves as that warm-up (the forward runs the
-    same ops); JAX and CUDA: one call of each function after compiling.
+    same ops; measured: the no_grad forwards after it took 0.98-0.99 s, the first one included);
+    JAX and CUDA: one call of each function after compiling.
     """
     for c in cands:
         if c.result.skipped is not None:
@@ -718,7 +719,9 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(Result(config=cname, dtype=dtype_name, backend=backend, device="-", name=backend,
                                           kind="limit", flops_fwd=0.0, skipped=f"not installed ({exc})"))
                     continue
+                t_group = time.perf_counter()
                 run_interleaved(cands, limit, rounds, log)
+                log(f"  {cname} {dtype_name} {backend}: {time.perf_counter() - t_group:.0f} s")
                 summarise(cands, limit, loop_bytes)
                 group = [c.result for c in cands]
                 results += group
