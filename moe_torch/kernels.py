@@ -208,15 +208,16 @@ KERNEL_DTYPES = {
 
 # "auto": (device type, dtype) -> kernel. A fixed table (the same kernel on every run, so results are
 # reproducible), filled from measurement: benchmarks/bench_moe.py, issue-7 medium config (D=1024 H=512
-# E=64 k=8 N=8192), expert compute, median over 3 rounds of the ratio to a dense SwiGLU of the same
-# FLOPs timed just before (CPU: torch 2.13, 2 threads, glibc keeping freed memory; loop's backward 1 round):
-#                forward: loop / grouped_mm     forward+backward: loop / grouped_mm
-#   float32      0.99 / 0.98                    1.53 / 1.04
-#   bfloat16     1.18 / 1.15                    1.71 / 1.09
-# grouped_mm is never slower and its backward is ~1.5x faster (loop's backward builds 3*E full-size
-# (E, out, in) gradients of weight slices and adds them); at the small config (D=256, E=8, k=2) the
-# two are within 5%. So CPU uses grouped_mm for every dtype it runs (float64 falls back to loop).
-# CUDA: bf16 follows torchtitan's default (grouped GEMM); NOT yet measured here (no GPU so far):
+# E=64 k=8 N=8192), expert compute, ratio to a dense SwiGLU of the same FLOPs timed just before
+# (CPU: torch 2.13, 2 threads; median of 3 rounds, loop 1 round; the range of 7 other runs in brackets):
+#                forward: loop / grouped_mm             forward+backward: loop / grouped_mm
+#   float32      0.83 / 0.95  (0.91-1.07 / 0.87-1.27)   2.79 / 1.00  (1.53-3.65 / 1.03-1.35)
+#   bfloat16     1.48 / 1.12  (0.95-1.18 / 1.04-1.16)   4.03 / 1.15  (1.71-4.02 / 1.07-1.17)
+# Forward alone the two are within noise (bf16: loop often ~5% ahead); forward+backward grouped_mm is
+# 1.5-3.5x faster (loop's backward builds 3*E full-size (E, out, in) gradients of weight slices and
+# adds them), and it keeps 0.67x the activations. At the small config (D=256, E=8, k=2) they are within ~10% either way.
+# So CPU uses grouped_mm for every dtype it runs (float64 falls back to loop).
+# CUDA: bf16 follows torchtitan's choice (grouped GEMM); NOT yet measured here (no GPU so far):
 # benchmarks/gpu_check.sh times both kernels and its summary says whether this row holds ("auto =
 # ... fastest ..."). NPU has one fast kernel. Pairs not listed use "loop".
 AUTO_TABLE: dict[tuple[str, torch.dtype], str] = {
