@@ -39,7 +39,10 @@ is what ``experts/loop`` measures.
 
 The "auto" rows are the kernel that "auto" resolves to on this device and dtype (the same function,
 so it is not timed twice); ``--full`` also times the layer for every kernel, ragged_dot on CPU at
-sizes where it does E times the work, and every transformers implementation.
+sizes where it does E times the work, the exact JAX ``dense`` kernel past toy sizes, and every
+transformers implementation (by default eager and grouped_mm; grouped_mm only for Qwen3-MoE, whose
+experts are Mixtral's code). The log gives each group's wall time; the verdict lines say, per device
+and dtype, whether "auto" was the fastest kernel measured.
 """
 
 from __future__ import annotations
