@@ -88,8 +88,9 @@ class _Combine(torch.autograd.Function):
     inverse (N*k,) the sorted row of each flat slot.
 
     NOTE: one slot at a time (an (N, D) gather, its product and a running sum over j = 0..k-1, the
-    order of ``.sum(1)``), so no (N*k, D) copy is made: fresh large buffers cost page faults on CPU
-    (measured ~0.25 s per 256 MiB on the 2-core test machine). The gradient writes each routed row
+    order of ``.sum(1)``), so no (N*k, D) copy is made: on CPU every fresh buffer above 32 MiB is
+    page-faulted in again on each call (65536 faults per 256 MiB; measured, the layer's forward took
+    8% less in float32 and 10% less in bf16 than with the (N*k, D) copy). The gradient writes each routed row
     once (``index_copy_`` on a permutation: deterministic). y is saved in its own dtype.
     """
 
