@@ -104,6 +104,11 @@ def _storage(dtype):
             lambda a: lax.bitcast_convert_type(a, dtype))
 
 
+def _mm(a, b, mm_dtype, dtype):
+    """``a @ b`` on ``mm_dtype`` operands, accumulated in ``mm_dtype``, rounded once to ``dtype``."""
+    return jnp.dot(a.astype(mm_dtype), b, preferred_element_type=mm_dtype).astype(dtype)
+
+
 def _blocked_forward(w1, w2, w3, x, counts, block, save_residuals):
     """Loop over experts, then over the blocks of that expert's rows; returns y and the residuals.
 
@@ -118,12 +123,8 @@ def _blocked_forward(w1, w2, w3, x, counts, block, save_residuals):
     dtype = x.dtype
     starts, nblocks = _segments(counts, block)
     offsets = jnp.arange(block)
-    upcast = _upcast_matmuls(dtype)
-    mm_dtype = jnp.float32 if upcast else dtype
-
-    def mm(a, b):  # one rounding to ``dtype`` per matmul output
-        return jnp.dot(a.astype(mm_dtype), b, preferred_element_type=mm_dtype).astype(dtype)
-
+    mm_dtype = jnp.float32 if _upcast_matmuls(dtype) else dtype
+    mm = functools.partial(_mm, mm_dtype=mm_dtype, dtype=dtype)
     st, to_st, from_st = _storage(dtype)
     xs = to_st(x)
     ws = tuple(to_st(w) for w in (w1, w2, w3))
@@ -167,15 +168,12 @@ def _blocked_backward(w1, w2, w3, x, counts, h1, h3, dy, block):
     ends = starts + counts.astype(jnp.int32)
     offsets = jnp.arange(block)
     acc = jnp.promote_types(dtype, jnp.float32)  # weight gradients accumulate over blocks in f32+
-    upcast = _upcast_matmuls(dtype)
-    mm_dtype = jnp.float32 if upcast else dtype
+    mm_dtype = jnp.float32 if _upcast_matmuls(dtype) else dtype
     st, to_st, from_st = _storage(dtype)
     xs, dys = to_st(x), to_st(dy)
     ws = tuple(to_st(w) for w in (w1, w2, w3))
     dx = _zeros((rows, dim), st, x, dy, h1, h3, w1, w2, w3, counts)
-
-    def mm(a, b):  # one rounding to ``dtype`` per matmul output
-        return jnp.dot(a.astype(mm_dtype), b, preferred_element_type=mm_dtype).astype(dtype)
+    mm = functools.partial(_mm, mm_dtype=mm_dtype, dtype=dtype)
 
     def dot_acc(a, b):
         return jnp.dot(a.astype(mm_dtype), b.astype(mm_dtype), preferred_element_type=acc)

@@ -67,6 +67,15 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return _zero_rows_past(y, offs[-1]) if b.ndim == 3 else y
 
 
+def _grouped_swiglu(x, w1, w2, w3, offs, inplace: bool):
+    """The forward of the "grouped_mm" kernel: ``(h1, h3, y)``. ``inplace``: silu overwrites h1
+    (inference: one (rows, H) buffer fewer; h1 is then no longer the pre-activation)."""
+    h1 = _gmm(x, w1.transpose(1, 2), offs)  # (rows, H)
+    h3 = _gmm(x, w3.transpose(1, 2), offs)
+    y = _gmm(F.silu(h1, inplace=inplace).mul_(h3), w2.transpose(1, 2), offs)  # (rows, D)
+    return h1, h3, y
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     """The whole expert MLP of the "grouped_mm" kernel as one autograd node.
 
@@ -88,9 +97,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, offs):
-        h1 = _gmm(x, w1.transpose(1, 2), offs)  # (rows, H)
-        h3 = _gmm(x, w3.transpose(1, 2), offs)
-        y = _gmm(F.silu(h1).mul_(h3), w2.transpose(1, 2), offs)  # (rows, D)
+        h1, h3, y = _grouped_swiglu(x, w1, w2, w3, offs, inplace=False)
         ctx.save_for_backward(x, w1, w2, w3, offs, h1, h3)
         return y
 
@@ -137,12 +144,11 @@ def grouped_mm_experts(w1, w2, w3, x, counts):
         w1, w3 = _pad_to(w1, {-2: hp, -1: dp}), _pad_to(w3, {-2: hp, -1: dp})
         w2 = _pad_to(w2, {-2: dp, -1: hp})
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    x = x.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3)):
-        y = _GroupedSwiGLU.apply(x.contiguous(), w1, w2, w3, offs)
-    else:  # inference: the same ops, with silu in place (one (rows, H) buffer fewer)
-        x = x.contiguous()
-        h = F.silu(_gmm(x, w1.transpose(1, 2), offs), inplace=True).mul_(_gmm(x, w3.transpose(1, 2), offs))
-        y = _gmm(h, w2.transpose(1, 2), offs)
+        y = _GroupedSwiGLU.apply(x, w1, w2, w3, offs)
+    else:  # inference: the same ops without an autograd node, silu in place
+        y = _grouped_swiglu(x, w1, w2, w3, offs, inplace=True)[2]
     return y[:, :dim] if dp != dim else y
 
 
@@ -215,8 +221,8 @@ KERNEL_DTYPES = {
 #   bfloat16     1.48 / 1.12  (0.95-1.18 / 1.04-1.16)   4.03 / 1.15  (1.71-4.02 / 1.07-1.17)
 # Forward alone the two are within noise (bf16: loop often ~5% ahead); forward+backward grouped_mm is
 # 1.5-3.5x faster (loop's backward builds 3*E full-size (E, out, in) gradients of weight slices and
-# adds them), and it keeps 0.67x the activations. At the small config (D=256, E=8, k=2) they are within ~10% either way.
-# So CPU uses grouped_mm for every dtype it runs (float64 falls back to loop).
+# adds them), and it keeps 0.67x the activations. At the small config (D=256, E=8, k=2) they are
+# within ~10% either way. So CPU uses grouped_mm for every dtype it runs (float64 falls back to loop).
 # CUDA: bf16 follows torchtitan's choice (grouped GEMM); NOT yet measured here (no GPU so far):
 # benchmarks/gpu_check.sh times both kernels and its summary says whether this row holds ("auto =
 # ... fastest ..."). NPU has one fast kernel. Pairs not listed use "loop".
