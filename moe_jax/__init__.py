@@ -3,21 +3,23 @@
 Never imports torch; of ``parity`` only ``parity.config``.
 """
 
-from moe_jax.balancing import load_balance_loss, router_z_loss, update_expert_bias
+from moe_jax.balancing import aux_loss_auto_scaler, load_balance_loss, router_z_loss, update_expert_bias
 from moe_jax.experts import GroupedExperts
 from moe_jax.feed_forward import FeedForward
 from moe_jax.moe import MoE
-from moe_jax.router import TokenChoiceTopKRouter
+from moe_jax.router import RouterOutput, TokenChoiceTopKRouter
 from moe_jax.weights import StateDictError, load_state_dict, state_dict
 
 __all__ = [
     "FeedForward",
     "GroupedExperts",
     "TokenChoiceTopKRouter",
+    "RouterOutput",
     "MoE",
     "update_expert_bias",
     "load_balance_loss",
     "router_z_loss",
+    "aux_loss_auto_scaler",
     "load_state_dict",
     "state_dict",
     "StateDictError",

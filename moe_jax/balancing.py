@@ -73,15 +73,50 @@ def expert_bias_update(expert_bias: jax.Array, tokens_per_expert: jax.Array, lr:
         expert_bias.astype(jnp.float32), tokens_per_expert.astype(jnp.float32), lr)
 
 
-def update_expert_bias(moe, lr: float, group: str | None = None, center: bool = False) -> None:
+def update_expert_bias(moe, lr: float = 1e-3, group: str | tuple[str, ...] | None = None, center: bool = False,
+                       num_recomputations: int = 1) -> None:
     """Update ``moe.expert_bias`` from ``moe.tokens_per_expert`` in place, then zero the counts.
 
     ``moe``: a ``moe_jax.MoE`` (any module with ``expert_bias`` and ``tokens_per_expert`` variables).
-    ``group``: None, or the name of a mapped mesh axis (inside ``shard_map`` / ``pmap``) over which the
-    counts are summed first (data-parallel ranks). ``lr``: float step. ``expert_bias`` stays float32.
+    ``lr``: float step, default 1e-3 (the original module's). ``group``: None, or the name of a mapped
+    mesh axis, or a tuple of them (e.g. ``("tp", "cp", "dp")``; inside ``shard_map`` / ``pmap``) over
+    which the counts are summed first. ``num_recomputations``: the router's passes per forward
+    (activation recomputation counts the tokens again); the counts are divided by it first, the rule
+    of ``moe_torch.update_expert_bias`` (eagerly, counts that are not multiples of it raise
+    ``ValueError``). ``expert_bias`` stays float32.
     """
+    if isinstance(num_recomputations, bool) or not isinstance(num_recomputations, int) or num_recomputations < 1:
+        raise ValueError(f"num_recomputations={num_recomputations!r} must be an integer >= 1")
     counts = moe.tokens_per_expert[...]
+    if num_recomputations > 1:
+        if not isinstance(counts, jax.core.Tracer) and bool(jnp.any(jnp.remainder(counts, num_recomputations))):
+            raise ValueError(f"tokens_per_expert={np.asarray(counts).tolist()} is not a multiple of "
+                             f"num_recomputations={num_recomputations}: the router's passes of one step "
+                             f"did not count the same tokens")
+        counts = counts / num_recomputations
     if group is not None:
         counts = lax.psum(counts, group)
     moe.expert_bias[...] = expert_bias_update(moe.expert_bias[...], counts, lr, center)
     moe.tokens_per_expert[...] = jnp.zeros_like(moe.tokens_per_expert[...])
+
+
+@jax.custom_vjp
+def aux_loss_auto_scaler(output: jax.Array, aux_loss: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
+    """``output`` unchanged; the backward pass also gives ``aux_loss`` the gradient ``scale`` (ones-like
+    times the per-step scale), so the auxiliary loss trains the router without being added to the
+    returned loss. The JAX form of ``moe_torch.MoEAuxLossAutoScaler`` (the idea is Megatron-Core's);
+    the scale is an argument (no global state), e.g. the main loss's own backward scale."""
+    return output
+
+
+def _scaler_fwd(output, aux_loss, scale):
+    return output, (aux_loss, scale)
+
+
+def _scaler_bwd(res, g):
+    aux_loss, scale = res
+    scale = jnp.asarray(scale)
+    return g, jnp.ones_like(aux_loss) * scale.astype(aux_loss.dtype), jnp.zeros_like(scale)
+
+
+aux_loss_auto_scaler.defvjp(_scaler_fwd, _scaler_bwd)

@@ -45,11 +45,26 @@ def _expert_of_rows(counts: jax.Array, num_rows: int) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------- ragged_dot
-def ragged_dot_kernel(w1, w2, w3, x, counts):
-    """``jax.lax.ragged_dot`` grouped GEMMs: the GPU/TPU path (dense over every expert on CPU)."""
-    counts = counts.astype(jnp.int32)
+def _ragged_swiglu(w1, w2, w3, x, counts):
     h = jax.nn.silu(lax.ragged_dot(x, w1, counts)) * lax.ragged_dot(x, w3, counts)
     return lax.ragged_dot(h, w2, counts)
+
+
+def ragged_dot_kernel(w1, w2, w3, x, counts):
+    """``jax.lax.ragged_dot`` grouped GEMMs: the GPU/TPU path (dense over every expert on CPU).
+
+    NOTE: on CPU, JAX lowers ``ragged_dot`` to one dot over every group with the rows of the other
+    groups zeroed, so a NaN or Inf weight of one expert gives ``0 * inf = NaN`` in every row (and,
+    through the backward, in every expert's gradient). There, weights that are not all finite take
+    the ``dense`` kernel instead (a ``lax.cond``: finite weights keep the ragged_dot bits; the
+    check reads the weights once). GPU/TPU lower to XLA's ragged-dot instruction; not checked
+    there in this project (no device so far).
+    """
+    counts = counts.astype(jnp.int32)
+    if jax.default_backend() != "cpu":
+        return _ragged_swiglu(w1, w2, w3, x, counts)
+    finite = jnp.isfinite(w1).all() & jnp.isfinite(w2).all() & jnp.isfinite(w3).all()
+    return lax.cond(finite, _ragged_swiglu, dense_kernel, w1, w2, w3, x, counts)
 
 
 # -------------------------------------------------------------------------------------------- dense
@@ -57,12 +72,19 @@ def dense_kernel(w1, w2, w3, x, counts):
     """Every expert on every row, then keep each row's own expert: exact, slow, the reference path.
 
     Memory ``E * num_rows * max(D, H)``: for tests and small layers only.
+
+    NOTE: each expert sees only its own rows, the others replaced by zeros with a select (before the
+    expert and on its output), so the gradient of ``where`` is a select too: a NaN or Inf of one
+    expert (weights, activations, a token) cannot reach another expert's rows or weight gradients
+    through ``0 * inf``.
     """
     expert = _expert_of_rows(counts.astype(jnp.int32), x.shape[0])
-    y_all = jax.vmap(swiglu, in_axes=(None, 0, 0, 0))(x, w1, w2, w3)  # (E, rows, D)
-    keep = expert[None, :, None] == jnp.arange(w1.shape[0])[:, None, None]
+    keep = expert[None, :, None] == jnp.arange(w1.shape[0])[:, None, None]  # (E, rows, 1)
+    zero = jnp.zeros((), x.dtype)
+    x_own = jnp.where(keep, x[None], zero)  # (E, rows, D)
+    y_all = jax.vmap(swiglu)(x_own, w1, w2, w3)  # (E, rows, D)
     # NOTE: a sum of exact zeros and one value, so the result is exactly that expert's output.
-    return jnp.where(keep, y_all, jnp.zeros((), x.dtype)).sum(0)
+    return jnp.where(keep, y_all, zero).sum(0)
 
 
 # ------------------------------------------------------------------------------------------ blocked
@@ -190,20 +212,28 @@ def _blocked_backward(w1, w2, w3, x, counts, h1, h3, dy, block):
             pos = rc + offsets
             keep = (pos < r)[:, None]
             valid = (pos >= r)[:, None] & (pos < ends[e])[:, None]
-            xb = from_st(lax.dynamic_slice_in_dim(xs, rc, block))
-            # rows of other experts inside this block contribute nothing to this expert's weights
+
+            def own(t):  # this expert's rows of a matmul operand, the others exactly 0
+                return jnp.where(valid, t.astype(mm_dtype), 0)
+
+            # NOTE: rows of other experts inside this block (x, their saved activations: inf or NaN
+            # when that expert overflowed) contribute nothing to this expert's weights. They are
+            # zeroed by selects, never multiplied by a 0/1 mask (inf * 0 = NaN would leak); the
+            # selects act on the matmul operands (after the cast to mm_dtype, so the 16-bit path
+            # keeps its bits). Their dx rows are discarded (``keep``) or overwritten later.
+            xb = from_st(jnp.where(valid, lax.dynamic_slice_in_dim(xs, rc, block), 0))
             dyb = from_st(jnp.where(valid, lax.dynamic_slice_in_dim(dys, rc, block), 0))
             a1 = from_st(lax.dynamic_slice_in_dim(h1, rc, block))
             a3 = from_st(lax.dynamic_slice_in_dim(h3, rc, block))
             sig = jax.nn.sigmoid(a1)
             silu = a1 * sig
-            g2 = g2 + dot_acc((silu * a3).T, dyb)
+            g2 = g2 + dot_acc(jnp.where(valid.T, (silu * a3).T.astype(mm_dtype), 0), dyb)
             dh = mm(dyb, w2t)
             d1 = dh * a3 * (sig * (1 + a1 * (1 - sig)))
             d3 = dh * silu
             xbt = xb.T
-            g1 = g1 + dot_acc(xbt, d1)
-            g3 = g3 + dot_acc(xbt, d3)
+            g1 = g1 + dot_acc(xbt, own(d1))
+            g3 = g3 + dot_acc(xbt, own(d3))
             dxb = mm(d1, w1t) + mm(d3, w3t)
             old = lax.dynamic_slice_in_dim(dx, rc, block)
             return lax.dynamic_update_slice_in_dim(dx, jnp.where(keep, old, to_st(dxb)), rc, 0), g1, g2, g3

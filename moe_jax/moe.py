@@ -17,7 +17,7 @@ from moe_jax.balancing import load_balance_loss, router_z_loss
 from moe_jax.experts import GroupedExperts
 from moe_jax.feed_forward import FeedForward
 from moe_jax.router import TokenChoiceTopKRouter
-from parity.config import JAX_KERNELS, MoEConfig
+from parity.config import BALANCE_FROM_COEFF, JAX_KERNELS, MoEConfig, layer_config
 
 
 class Buffer(nnx.Variable):
@@ -119,9 +119,17 @@ def combine(expert_out: jax.Array, routing_weights: jax.Array, order: jax.Array,
 class MoE(nnx.Module):
     """Mixture of Experts with token-choice top-k routing; every option of ``parity.config.MoEConfig``.
 
-    Build: ``MoE(**cfg.to_kwargs(), rngs=nnx.Rngs(0), param_dtype=jnp.float32)``. Invalid options raise
-    ValueError naming the field, the value and what is allowed (an ``expert_kernel`` of another
-    backend lists the JAX kernels).
+    Build: ``MoE(**cfg.to_kwargs(), rngs=nnx.Rngs(0), param_dtype=jnp.float32)``, or with the
+    positional arguments of ``moe_torch.MoE`` (``dim, hidden_dim, num_experts, top_k=1,
+    score_before_experts=True, load_balance_coeff=None``) and every other field as a keyword, with
+    the same defaults (``parity.config.layer_config``: a field given explicitly wins; one not given
+    gets the original PyTorch module's behaviour: ``use_expert_bias=True``,
+    ``route_order="scale_first"``, the "switch" loss when ``load_balance_coeff`` is a number).
+    ``router_kwargs`` as in torch; torch's ``shared_expert`` module and ``use_grouped_mm`` have no
+    JAX counterpart (``num_shared_experts`` / ``expert_kernel``). Invalid options raise ValueError
+    naming the field, the value and what is allowed (an ``expert_kernel`` of another backend lists
+    the JAX kernels). ``config`` is the ``MoEConfig`` of the live attributes; ``load_balance_coeff``
+    reads None when no balance loss is on.
 
     State: ``router.gate`` (D, E), ``experts.w1/w2/w3``, ``shared_expert`` (a ``FeedForward`` or None)
     as ``nnx.Param`` in ``param_dtype``; buffers ``expert_bias`` (E,) and ``tokens_per_expert`` (E,),
@@ -140,55 +148,69 @@ class MoE(nnx.Module):
 
     def __init__(
         self,
-        dim: int = 64,
-        hidden_dim: int = 128,
-        num_experts: int = 8,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
         top_k: int = 1,
-        score_func: str = "sigmoid",
-        route_norm: bool = False,
-        route_scale: float = 1.0,
-        num_expert_groups: int | None = None,
-        num_limited_groups: int | None = None,
-        group_score: str = "max",
         score_before_experts: bool = True,
-        num_shared_experts: int = 0,
-        shared_hidden_dim: int | None = None,
-        expert_kernel: str = "auto",
-        use_expert_bias: bool = False,
-        load_balance_loss: str | None = None,
-        load_balance_coeff: float = 0.01,
-        router_z_loss_coeff: float = 0.0,
+        load_balance_coeff: float | None = None,
         *,
+        router_kwargs: dict | None = None,
+        expert_kernel: str = "auto",
+        load_balance_loss=BALANCE_FROM_COEFF,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
+        **kwargs,
     ):
-        cfg = MoEConfig(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
-                        score_func=score_func, route_norm=route_norm, route_scale=route_scale,
-                        num_expert_groups=num_expert_groups, num_limited_groups=num_limited_groups,
-                        group_score=group_score, score_before_experts=score_before_experts,
-                        num_shared_experts=num_shared_experts, shared_hidden_dim=shared_hidden_dim,
-                        expert_kernel=expert_kernel, use_expert_bias=use_expert_bias,
-                        load_balance_loss=load_balance_loss, load_balance_coeff=load_balance_coeff,
-                        router_z_loss_coeff=router_z_loss_coeff)
-        if expert_kernel not in JAX_KERNELS:
-            raise ValueError(f"expert_kernel={expert_kernel!r} is not a JAX kernel; allowed: {JAX_KERNELS}")
-        self.config = cfg
-        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
-        self.score_before_experts = score_before_experts
-        self.use_expert_bias = use_expert_bias
-        self.load_balance_loss = load_balance_loss
-        self.load_balance_coeff = load_balance_coeff
-        self.router_z_loss_coeff = router_z_loss_coeff
+        cfg = layer_config(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
+                           score_before_experts=score_before_experts, load_balance_coeff=load_balance_coeff,
+                           load_balance_loss=load_balance_loss, router_kwargs=router_kwargs,
+                           expert_kernel=expert_kernel, **kwargs)
+        if cfg.expert_kernel not in JAX_KERNELS:
+            raise ValueError(f"expert_kernel={cfg.expert_kernel!r} is not a JAX kernel; allowed: {JAX_KERNELS}")
+        self.dim, self.hidden_dim, self.num_experts = cfg.dim, cfg.hidden_dim, cfg.num_experts
+        self.num_shared_experts, self.shared_hidden_dim = cfg.num_shared_experts, cfg.shared_hidden_dim
+        self.score_before_experts = cfg.score_before_experts
+        self.use_expert_bias = cfg.use_expert_bias
+        self.load_balance_loss = cfg.load_balance_loss
+        self._balance_coeff = cfg.load_balance_coeff
+        self.router_z_loss_coeff = cfg.router_z_loss_coeff
         self.deterministic = False
         self.router = TokenChoiceTopKRouter(
-            dim, num_experts, top_k, score_func, route_norm, route_scale, num_expert_groups,
-            num_limited_groups, group_score, rngs=rngs, param_dtype=param_dtype)
-        self.experts = GroupedExperts(dim, hidden_dim, num_experts, expert_kernel, rngs=rngs,
+            cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.num_expert_groups, cfg.num_limited_groups,
+            cfg.route_scale, route_norm=cfg.route_norm, group_score=cfg.group_score,
+            route_order=cfg.route_order, rngs=rngs, param_dtype=param_dtype)
+        self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.expert_kernel, rngs=rngs,
                                       param_dtype=param_dtype)
-        self.shared_expert = (FeedForward(dim, cfg.shared_dim, rngs=rngs, param_dtype=param_dtype)
-                              if num_shared_experts else None)
-        self.expert_bias = Buffer(jnp.zeros((num_experts,), jnp.float32))
-        self.tokens_per_expert = Buffer(jnp.zeros((num_experts,), jnp.float32))
+        self.shared_expert = (FeedForward(cfg.dim, cfg.shared_dim, rngs=rngs, param_dtype=param_dtype)
+                              if cfg.num_shared_experts else None)
+        self.expert_bias = Buffer(jnp.zeros((cfg.num_experts,), jnp.float32))
+        self.tokens_per_expert = Buffer(jnp.zeros((cfg.num_experts,), jnp.float32))
+
+    @property
+    def top_k(self) -> int:
+        """The router's ``top_k``."""
+        return self.router.top_k
+
+    @property
+    def load_balance_coeff(self) -> float | None:
+        """The balance loss's coefficient, None when no balance loss is on (as ``moe_torch.MoE``)."""
+        return None if self.load_balance_loss is None else self._balance_coeff
+
+    @property
+    def config(self) -> MoEConfig:
+        """The ``MoEConfig`` of the live attributes (``MoE(**moe.config.to_kwargs(), rngs=...)`` builds the
+        same layer)."""
+        r = self.router
+        return MoEConfig(
+            dim=self.dim, hidden_dim=self.hidden_dim, num_experts=self.num_experts, top_k=r.top_k,
+            score_func=r.score_func, route_norm=r.route_norm, route_scale=r.route_scale,
+            num_expert_groups=r.num_expert_groups, num_limited_groups=r.num_limited_groups,
+            group_score=r.group_score, route_order=r.route_order, score_before_experts=self.score_before_experts,
+            num_shared_experts=self.num_shared_experts, shared_hidden_dim=self.shared_hidden_dim,
+            expert_kernel=self.experts.expert_kernel, use_expert_bias=self.use_expert_bias,
+            load_balance_loss=self.load_balance_loss, load_balance_coeff=self._balance_coeff,
+            router_z_loss_coeff=self.router_z_loss_coeff)
 
     def _check_input(self, x: jax.Array, selected_experts: jax.Array | None) -> None:
         if x.ndim != 3 or x.shape[-1] != self.dim:
@@ -217,10 +239,11 @@ class MoE(nnx.Module):
         tokens = x.reshape(b * s, d)
         bias = self.expert_bias[...] if self.use_expert_bias else None
         # (1)-(5) router
-        aux = self.router(tokens, expert_bias=bias, selected_experts=selected_experts)
+        aux = self.router.route(tokens, expert_bias=bias, selected_experts=selected_experts)._asdict()
         idx, w = aux["selected_experts"], aux["routing_weights"]
         # (6) stable expert-major dispatch
         order, inverse, counts = dispatch(idx, self.num_experts)
+        aux["tokens_per_expert"] = counts.astype(jnp.float32)
         routed = permute(tokens, w, order, inverse, self.score_before_experts)
         # (7) experts, in the input dtype
         expert_out = self.experts(routed, counts)
@@ -233,7 +256,7 @@ class MoE(nnx.Module):
             self.tokens_per_expert[...] = self.tokens_per_expert[...] + aux["tokens_per_expert"]
         if self.load_balance_loss is not None:
             aux["load_balance_loss"] = load_balance_loss(
-                aux["scores"], idx, self.num_experts, self.load_balance_coeff, self.load_balance_loss,
+                aux["scores"], idx, self.num_experts, self._balance_coeff, self.load_balance_loss,
                 batch=b)
         if self.router_z_loss_coeff > 0:
             aux["router_z_loss"] = router_z_loss(aux["router_logits"], self.router_z_loss_coeff)

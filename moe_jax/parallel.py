@@ -278,10 +278,11 @@ def parallel_call(moe: MoE, x: jax.Array, *, ep_axis: str | None = "ep", tp_axis
     tokens = x.reshape(b * s, d)
     bias = moe.expert_bias[...] if moe.use_expert_bias else None
     # (1)-(5) router, replicated: every shard routes its own tokens over all E experts
-    aux = moe.router(tokens, expert_bias=bias, selected_experts=selected_experts)
+    aux = moe.router.route(tokens, expert_bias=bias, selected_experts=selected_experts)._asdict()
     idx, w = aux["selected_experts"], aux["routing_weights"]
     # (6) stable expert-major dispatch on this shard, then the exchange over ep
     order, inverse, counts = dispatch(idx, moe.num_experts)
+    aux["tokens_per_expert"] = counts.astype(jnp.float32)
     routed = permute(tokens, w, order, inverse, moe.score_before_experts)
     if ep_axis is not None:
         if resolve_exchange(exchange) == "all_gather":

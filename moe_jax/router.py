@@ -1,4 +1,4 @@
-"""Token-choice top-k router, steps (1)-(6) of DESIGN.md (the float64 form is ``parity.reference.route``).
+"""Token-choice top-k router, steps (1)-(5) of DESIGN.md (the float64 form is ``parity.reference.route``).
 
 Shapes: ``N`` tokens, ``D`` model dim, ``E`` experts, ``k`` = top_k. Everything here runs in float32
 (float64 for float64 inputs) whatever the input dtype: JAX's bfloat16 softmax accumulates in bfloat16 (torch's in float32), so the
@@ -6,6 +6,8 @@ inputs are upcast first.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +64,18 @@ def group_limited_mask(sel: jax.Array, num_groups: int, num_limited_groups: int,
     return jnp.repeat(group_mask, e // num_groups, axis=-1)
 
 
+class RouterOutput(NamedTuple):
+    """What ``TokenChoiceTopKRouter.route`` returns (the same fields as ``moe_torch``'s router).
+
+    float32 (float64 for float64 input); N tokens, E experts, k = top_k.
+    """
+
+    router_logits: jax.Array  # (N, E)
+    scores: jax.Array  # (N, E) softmax or sigmoid of the logits, unbiased, unscaled
+    selected_experts: jax.Array  # (N, k) int32, descending selection score, ties to the lower index
+    routing_weights: jax.Array  # (N, k) step (5): unbiased, optionally renormalised, times route_scale
+
+
 def route(
     x: jax.Array,
     gate: jax.Array,
@@ -73,75 +87,88 @@ def route(
     num_expert_groups: int | None = None,
     num_limited_groups: int | None = None,
     group_score: str = "max",
+    route_order: str = "scale_first",
     expert_bias: jax.Array | None = None,
     selected_experts: jax.Array | None = None,
-) -> dict[str, jax.Array]:
-    """Steps (1)-(6) for tokens ``x`` (N, D) and router weight ``gate`` (D, E).
+) -> RouterOutput:
+    """Steps (1)-(5) for tokens ``x`` (N, D) and router weight ``gate`` (D, E) -> ``RouterOutput``.
 
-    ``expert_bias`` (E,) float32 or None steers selection only. ``selected_experts`` (N, k) int, when
-    given, replaces step (4); the weights are still this router's scores at those indices.
-    Returns (float32, or float64 for float64 ``x``) ``router_logits`` (N, E), ``scores`` (N, E), ``selected_experts`` (N, k) int32
-    (descending selection score, ties to the lower index), ``routing_weights`` (N, k) f32 and
-    ``tokens_per_expert`` (E,) f32 counts of this call.
+    ``expert_bias`` (E,) float32 or None steers selection only, in ``route_order`` ("scale_first":
+    select on ``scores * route_scale + expert_bias``, groups from ``scores * route_scale``;
+    "bias_first": select on ``scores + expert_bias``, groups included; DESIGN.md steps 2-3).
+    ``selected_experts`` (N, k) int, when given, replaces steps (2)-(4); the weights are still this
+    router's scores at those indices.
     """
-    num_experts = gate.shape[-1]
     # (1) float32 router logits and scores
     logits, scores = router_scores(x, gate, score_func)
     if selected_experts is None:
-        # (2) expert bias steers selection only
-        sel = scores if expert_bias is None else scores + expert_bias.astype(scores.dtype)
+        bias = None if expert_bias is None else expert_bias.astype(scores.dtype)
+        if route_order == "scale_first":
+            # (2) scaled, unbiased scores choose the groups; the bias steers selection only
+            group_src = scores * jnp.asarray(route_scale, scores.dtype)
+            sel = group_src if bias is None else group_src + bias
+        else:
+            # (2) expert bias steers selection only, the group step included
+            sel = scores if bias is None else scores + bias
+            group_src = sel
         # (3) group-limited routing
         if num_expert_groups is not None:
-            keep = group_limited_mask(sel, num_expert_groups, num_limited_groups, group_score)
+            keep = group_limited_mask(group_src, num_expert_groups, num_limited_groups, group_score)
             sel = jnp.where(keep, sel, -jnp.inf)
         # (4) top-k, ties to the lower expert index
         idx = topk_lower_index(sel, top_k)
     else:
         idx = selected_experts.astype(jnp.int32)
-    # (5) unbiased routing weights
+    # (5) unbiased routing weights (the same in both route orders)
     w = jnp.take_along_axis(scores, idx, axis=-1)
     if route_norm:
         w = w / (w.sum(-1, keepdims=True) + ROUTE_NORM_EPS)
     w = w * jnp.asarray(route_scale, w.dtype)
-    # (6) per-expert counts
-    counts = jnp.bincount(idx.reshape(-1), length=num_experts).astype(jnp.float32)
-    return {
-        "router_logits": logits,
-        "scores": scores,
-        "selected_experts": idx,
-        "routing_weights": w,
-        "tokens_per_expert": counts,
-    }
+    return RouterOutput(logits, scores, idx, w)
 
 
 class TokenChoiceTopKRouter(nnx.Module):
     """Each token picks its ``top_k`` experts (token choice), with optional group-limited routing.
 
-    Parameter: ``gate`` (dim, num_experts) in ``param_dtype`` (canonical ``router.gate.weight`` is its
-    transpose). Options as ``parity.config.MoEConfig``; invalid ones raise ValueError
+    Positional arguments as ``moe_torch.TokenChoiceTopKRouter`` (the original module's order: dim,
+    num_experts, top_k=1, score_func="sigmoid", num_expert_groups=None, num_limited_groups=None,
+    route_scale=1.0), then keyword-only ``route_norm=False``, ``group_score="max"``,
+    ``route_order="scale_first"``, ``rngs``, ``param_dtype``. Invalid options raise ValueError
     (``parity.config.validate_routing``).
 
-    Call: ``x`` (N, dim), ``expert_bias`` (E,) or None, ``selected_experts`` (N, k) or None -> the dict
-    of ``route``.
+    Parameter: ``gate`` (dim, num_experts) in ``param_dtype`` (canonical ``router.gate.weight`` is its
+    transpose).
+
+    Call: ``router(x, expert_bias=None)`` -> ``(top_scores (N, k), selected_experts (N, k) int32,
+    num_tokens_per_expert (E,) int32)`` as the torch router; ``router.route(x, expert_bias=None,
+    selected_experts=None)`` -> ``RouterOutput``.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, score_func: str = "sigmoid",
-                 route_norm: bool = False, route_scale: float = 1.0,
                  num_expert_groups: int | None = None, num_limited_groups: int | None = None,
-                 group_score: str = "max", *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 route_scale: float = 1.0, *, route_norm: bool = False, group_score: str = "max",
+                 route_order: str = "scale_first", rngs: nnx.Rngs, param_dtype=jnp.float32):
+        if not isinstance(route_norm, bool):
+            raise ValueError(f"route_norm={route_norm!r} must be True or False")
         validate_routing(num_experts=num_experts, top_k=top_k, score_func=score_func,
                          route_scale=route_scale, num_expert_groups=num_expert_groups,
-                         num_limited_groups=num_limited_groups, group_score=group_score)
+                         num_limited_groups=num_limited_groups, group_score=group_score,
+                         route_order=route_order)
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.score_func, self.route_norm, self.route_scale = score_func, route_norm, route_scale
         self.num_expert_groups, self.num_limited_groups = num_expert_groups, num_limited_groups
-        self.group_score = group_score
+        self.group_score, self.route_order = group_score, route_order
         self.gate = nnx.Param(normal_init(rngs.params(), (dim, num_experts), dim, param_dtype))
 
-    def __call__(self, x: jax.Array, expert_bias: jax.Array | None = None,
-                 selected_experts: jax.Array | None = None) -> dict[str, jax.Array]:
+    def route(self, x: jax.Array, expert_bias: jax.Array | None = None,
+              selected_experts: jax.Array | None = None) -> RouterOutput:
         return route(x, self.gate[...], top_k=self.top_k, score_func=self.score_func,
                      route_norm=self.route_norm, route_scale=self.route_scale,
                      num_expert_groups=self.num_expert_groups,
                      num_limited_groups=self.num_limited_groups, group_score=self.group_score,
-                     expert_bias=expert_bias, selected_experts=selected_experts)
+                     route_order=self.route_order, expert_bias=expert_bias, selected_experts=selected_experts)
+
+    def __call__(self, x: jax.Array, expert_bias: jax.Array | None = None):
+        r = self.route(x, expert_bias)
+        counts = jnp.bincount(r.selected_experts.reshape(-1), length=self.num_experts).astype(jnp.int32)
+        return r.routing_weights, r.selected_experts, counts

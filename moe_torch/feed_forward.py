@@ -33,28 +33,43 @@ class FeedForward(nn.Module):
     Args:
         dim: model dimension D.
         hidden_dim: hidden dimension H.
+        bias: give every Linear a bias (``w1.bias`` [H], ``w2.bias`` [D], ``w3.bias`` [H]), as the
+            original module's ``bias=True``; default False.
 
     Parameters (canonical names ``w1.weight`` [H, D], ``w2.weight`` [D, H], ``w3.weight`` [H, D]):
-    three ``nn.Linear`` without bias.
+    three ``nn.Linear``. The canonical weights (DESIGN.md) hold no biases: a ``bias=True``
+    FeedForward is a user module, not one the parity harness builds.
 
     Shapes: x (..., D) -> (..., D), in x's dtype. Raises ``TypeError`` when x's dtype differs from
     the weights'.
+
+    Example::
+        >>> ff = FeedForward(dim=256, hidden_dim=512)
+        >>> out = ff(torch.randn(4, 16, 256))
+        >>> out.shape
+        torch.Size([4, 16, 256])
     """
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        if not isinstance(bias, bool):
+            raise ValueError(f"bias={bias!r} must be True or False")
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = (local_tensor(m.weight) for m in (self.w1, self.w2, self.w3))
+        b1, b2, b3 = (None if m.bias is None else local_tensor(m.bias) for m in (self.w1, self.w2, self.w3))
         x = local_tensor(x)
         if x.dtype != w1.dtype:
             raise TypeError(f"FeedForward input has dtype {x.dtype} but its weights have dtype {w1.dtype}")
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+        return F.linear(F.silu(F.linear(x, w1, b1)) * F.linear(x, w3, b3), w2, b2)
 
     def init_weights(self, std: float | None = None) -> None:
-        """Normal init with std ``fan_in ** -0.5`` (or ``std``), as ``parity.weights.init_weights``."""
+        """Normal init with std ``fan_in ** -0.5`` (or ``std``), as ``parity.weights.init_weights``;
+        biases (``bias=True``) zeroed."""
         for lin in (self.w1, self.w2, self.w3):
             nn.init.normal_(lin.weight, 0.0, std if std is not None else lin.in_features ** -0.5)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)

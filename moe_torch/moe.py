@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -12,10 +11,8 @@ from moe_torch.balancing import load_balance_loss, router_z_loss
 from moe_torch.experts import GroupedExperts
 from moe_torch.feed_forward import DTensor, FeedForward, local_tensor
 from moe_torch.router import TokenChoiceTopKRouter
-from parity.config import TORCH_KERNELS, MoEConfig
+from parity.config import BALANCE_FROM_COEFF, TORCH_KERNELS, MoEConfig, layer_config
 
-ROUTER_KEYS = ("top_k", "score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
-               "group_score", "use_expert_bias")
 _FLOAT32_BUFFERS = ("expert_bias", "tokens_per_expert")
 
 
@@ -151,22 +148,61 @@ def combine_slots(y: torch.Tensor, weights: torch.Tensor | None, inverse: torch.
     return _Combine.apply(y, weights, inverse, k)
 
 
+def _router_option(name: str) -> property:
+    def get(self):
+        return getattr(self.router, name)
+
+    def set_(self, value):
+        setattr(self.router, name, value)  # validated by the router
+
+    return property(get, set_, doc=f"The router's ``{name}``; assigning it re-validates the routing options.")
+
+
+def _fixed(name: str, get) -> property:
+    def set_(self, value):
+        raise AttributeError(f"{name}={get(self)} is fixed by the weights' shapes; cannot set it to {value!r}: "
+                             f"build a new MoE")
+
+    return property(get, set_, doc=f"``{name}``, fixed at construction (read-only).")
+
+
+# options held by the MoE itself; assigning one is validated as ``MoEConfig`` validates it
+_LAYER_OPTIONS = ("score_before_experts", "use_expert_bias", "load_balance_loss", "router_z_loss_coeff")
+
+
 class MoE(nn.Module):
     """Token-choice top-k Mixture-of-Experts layer with optional shared expert.
 
-    Keyword arguments: every field of ``parity.config.MoEConfig`` (``MoE(**cfg.to_kwargs())``), validated
-    by it (``ValueError`` naming the field, the value and what is allowed); ``expert_kernel`` must be
-    one of ``parity.config.TORCH_KERNELS`` ("auto", "loop", "grouped_mm", "npu").
+    The positional arguments are the original PyTorch module's (``dim, hidden_dim, num_experts,
+    top_k=1, score_before_experts=True, load_balance_coeff=None, shared_expert=None,
+    router_kwargs=None, use_grouped_mm=False``); every other field of ``parity.config.MoEConfig`` is a
+    keyword. A field passed explicitly always wins, so ``MoE(**cfg.to_kwargs())`` builds ``cfg``; a
+    field not given gets the original's behaviour (``parity.config.layer_config``): ``expert_bias``
+    steers selection (``use_expert_bias=True``), ``route_order="scale_first"``, and
+    ``load_balance_coeff`` a number turns the "switch" loss on (None: no loss).
 
-    The constructor of the module this kit grew from keeps working through three more keywords:
-
-    - ``router_kwargs``: a dict of router options (``top_k``, ``score_func``, ``route_norm``,
-      ``route_scale``, ``num_expert_groups``, ``num_limited_groups``, ``group_score``,
-      ``use_expert_bias``) merged over the keywords (the dict wins); another key is a ``ValueError``.
+    - ``router_kwargs``: a dict of router options (``parity.config.ROUTER_KWARGS``) merged over the
+      keywords (the dict wins); another key is a ``ValueError``.
     - ``shared_expert``: an ``nn.Module`` used as the shared expert (it sees every token, input
       (N, D) -> (N, D)), or None. Passing one together with ``num_shared_experts > 0`` is a ``ValueError``.
-    - ``use_grouped_mm``: True -> ``expert_kernel="grouped_mm"``, False -> "loop"; None (default)
-      leaves ``expert_kernel`` as given. Contradicting an explicit non-"auto" kernel is a ``ValueError``.
+    - ``use_grouped_mm``: when ``expert_kernel`` is not given, True -> "grouped_mm", False (default)
+      -> "loop" (the original's for-loop); True also turns ``expert_kernel="auto"`` into "grouped_mm",
+      keeps "grouped_mm" / "npu", and with "loop" is a ``ValueError``.
+    - ``expert_kernel``: one of ``parity.config.TORCH_KERNELS`` ("auto", "loop", "grouped_mm", "npu").
+    - ``sequence_partition_group``: a ``torch.distributed`` process group over which every sequence
+      of the batch is split (context parallelism), or None: the balance loss is then that of the
+      whole sequences (``moe_torch.balancing.load_balance_loss(group=...)``).
+
+    Invalid values raise ``ValueError`` naming the field, the value and what is allowed.
+
+    Attributes (the original's and the config's) are live: ``top_k``, ``score_func``, ``route_norm``,
+    ``route_scale``, ``num_expert_groups``, ``num_limited_groups``, ``group_score``, ``route_order``
+    (the router's), ``expert_kernel`` / ``use_grouped_mm`` (the experts'), ``score_before_experts``,
+    ``use_expert_bias``, ``load_balance_loss``, ``load_balance_coeff`` (None when no balance loss is
+    on; assigning a number turns "switch" on when none was, None turns it off), ``router_z_loss_coeff``
+    take effect when assigned, validated (``ValueError``); ``dim``, ``hidden_dim``, ``num_experts``,
+    ``num_shared_experts``, ``shared_hidden_dim`` are fixed (``AttributeError``). ``config`` is the
+    ``MoEConfig`` of the live attributes.
 
     Submodules / parameters (canonical names): ``router.gate`` (``router.gate.weight`` (E, D)),
     ``experts.w1`` / ``w3`` (E, H, D), ``experts.w2`` (E, D, H), ``shared_expert`` (FeedForward
@@ -181,33 +217,37 @@ class MoE(nn.Module):
         Returns out (bs, slen, D) in x's dtype, or ``(out, aux)`` with ``aux``: ``router_logits``
         (N, E) f32, ``scores`` (N, E) f32, ``selected_experts`` (N, k) int64, ``routing_weights``
         (N, k) f32, ``tokens_per_expert`` (E,) f32, and ``load_balance_loss`` / ``router_z_loss``
-        (f32 scalars, differentiable) when enabled. Router, combine and losses run in float32, or
-        float64 for a float64 module (so float64 matches the reference to ~1e-12).
+        (f32 scalars, differentiable) when enabled. With a balance loss on, ``out`` also carries it
+        as ``out._load_balance_loss`` (the original's interface; the same tensor as in ``aux``).
+        Router, combine and losses run in float32, or float64 for a float64 module (so float64
+        matches the reference to ~1e-12).
         Raises ``ValueError`` for a wrong rank or last dim, ``TypeError`` for a dtype mismatch.
+
+    Example::
+        >>> moe = MoE(dim=64, hidden_dim=128, num_experts=8, top_k=2)
+        >>> out = moe(torch.randn(2, 16, 64))
+        >>> out.shape
+        torch.Size([2, 16, 64])
     """
 
-    def __init__(self, *, router_kwargs: dict[str, Any] | None = None, shared_expert: nn.Module | None = None,
-                 use_grouped_mm: bool | None = None, **kwargs: Any):
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int = 1,
+                 score_before_experts: bool = True, load_balance_coeff: float | None = None,
+                 shared_expert: nn.Module | None = None, router_kwargs: dict[str, Any] | None = None,
+                 use_grouped_mm: bool = False, *, expert_kernel: str | None = None,
+                 load_balance_loss: Any = BALANCE_FROM_COEFF, sequence_partition_group=None, **kwargs: Any):
         super().__init__()
-        names = {f.name for f in fields(MoEConfig)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ValueError(f"unknown MoE argument(s) {unknown}; allowed: {sorted(names)} and "
-                             f"router_kwargs, shared_expert, use_grouped_mm")
-        if router_kwargs:
-            bad = sorted(set(router_kwargs) - set(ROUTER_KEYS))
-            if bad:
-                raise ValueError(f"router_kwargs has unknown key(s) {bad}; allowed: {list(ROUTER_KEYS)}")
-            kwargs.update(router_kwargs)
-        if use_grouped_mm is not None:
-            if not isinstance(use_grouped_mm, bool):
-                raise ValueError(f"use_grouped_mm={use_grouped_mm!r} must be True, False or None")
-            wanted = "grouped_mm" if use_grouped_mm else "loop"
-            given = kwargs.get("expert_kernel", "auto")
-            if given not in ("auto", wanted):
-                raise ValueError(f"use_grouped_mm={use_grouped_mm} contradicts expert_kernel={given!r}")
-            kwargs["expert_kernel"] = wanted
-        cfg = MoEConfig(**kwargs)
+        if not isinstance(use_grouped_mm, bool):
+            raise ValueError(f"use_grouped_mm={use_grouped_mm!r} must be True or False")
+        if expert_kernel is None:
+            expert_kernel = "grouped_mm" if use_grouped_mm else "loop"
+        elif use_grouped_mm and expert_kernel == "loop":
+            raise ValueError(f"use_grouped_mm=True contradicts expert_kernel={expert_kernel!r}")
+        elif use_grouped_mm and expert_kernel == "auto":
+            expert_kernel = "grouped_mm"
+        cfg = layer_config(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
+                           score_before_experts=score_before_experts, load_balance_coeff=load_balance_coeff,
+                           load_balance_loss=load_balance_loss, router_kwargs=router_kwargs,
+                           expert_kernel=expert_kernel, **kwargs)
         if cfg.expert_kernel not in TORCH_KERNELS:
             raise ValueError(f"expert_kernel={cfg.expert_kernel!r} is not a moe_torch kernel; "
                              f"allowed: {TORCH_KERNELS}")
@@ -217,18 +257,90 @@ class MoE(nn.Module):
             if cfg.num_shared_experts:
                 raise ValueError(f"shared_expert given together with num_shared_experts={cfg.num_shared_experts}; "
                                  f"pass one or the other")
-        self.config = cfg
-        self.dim, self.num_experts, self.top_k = cfg.dim, cfg.num_experts, cfg.top_k
         self.router = TokenChoiceTopKRouter(
-            cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.route_norm, cfg.route_scale,
-            cfg.num_expert_groups, cfg.num_limited_groups, cfg.group_score)
-        self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.expert_kernel)
+            cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.num_expert_groups, cfg.num_limited_groups,
+            cfg.route_scale, route_norm=cfg.route_norm, group_score=cfg.group_score, route_order=cfg.route_order)
+        self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, expert_kernel=cfg.expert_kernel)
         if shared_expert is None and cfg.num_shared_experts:
             shared_expert = FeedForward(cfg.dim, cfg.shared_dim)
         self.shared_expert = shared_expert
+        self._shared = (cfg.num_shared_experts, cfg.shared_hidden_dim)
+        self._balance_coeff = cfg.load_balance_coeff
+        self.sequence_partition_group = sequence_partition_group
+        for name in _LAYER_OPTIONS:
+            super().__setattr__(name, getattr(cfg, name))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32),
                              persistent=True)
+
+    # ------------------------------------------------------------------ live options (one source of truth)
+    dim = _fixed("dim", lambda self: self.router.gate.in_features)
+    hidden_dim = _fixed("hidden_dim", lambda self: self.experts.w1.shape[1])
+    num_experts = _fixed("num_experts", lambda self: self.router.num_experts)
+    num_shared_experts = _fixed("num_shared_experts", lambda self: self._shared[0])
+    shared_hidden_dim = _fixed("shared_hidden_dim", lambda self: self._shared[1])
+    top_k = _router_option("top_k")
+    score_func = _router_option("score_func")
+    route_norm = _router_option("route_norm")
+    route_scale = _router_option("route_scale")
+    num_expert_groups = _router_option("num_expert_groups")
+    num_limited_groups = _router_option("num_limited_groups")
+    group_score = _router_option("group_score")
+    route_order = _router_option("route_order")
+
+    @property
+    def expert_kernel(self) -> str:
+        """The experts' kernel name (``GroupedExperts.expert_kernel``); assignable, validated."""
+        return self.experts.expert_kernel
+
+    @expert_kernel.setter
+    def expert_kernel(self, value: str) -> None:
+        self.experts.expert_kernel = value
+
+    @property
+    def use_grouped_mm(self) -> bool:
+        """The original's flag (``GroupedExperts.use_grouped_mm``): True sets ``expert_kernel="grouped_mm"``,
+        False "loop"; read, whether the kernel that runs is a grouped one."""
+        return self.experts.use_grouped_mm
+
+    @use_grouped_mm.setter
+    def use_grouped_mm(self, value: bool) -> None:
+        self.experts.use_grouped_mm = value
+
+    @property
+    def load_balance_coeff(self) -> float | None:
+        """The balance loss's coefficient, None when no balance loss is on (the original's meaning)."""
+        return None if self.load_balance_loss is None else self._balance_coeff
+
+    @load_balance_coeff.setter
+    def load_balance_coeff(self, value: float | None) -> None:
+        if value is None:
+            self.load_balance_loss = None
+            return
+        self.config.replace(load_balance_coeff=value)  # ValueError for a bad value
+        self._balance_coeff = value
+        if self.load_balance_loss is None:
+            self.load_balance_loss = "switch"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAYER_OPTIONS and name in self.__dict__:
+            self.config.replace(**{name: value})  # ValueError naming the field and the value
+        super().__setattr__(name, value)
+
+    @property
+    def config(self) -> MoEConfig:
+        """The ``MoEConfig`` of the live attributes (``MoE(**moe.config.to_kwargs())`` builds the same layer,
+        a user ``shared_expert`` module aside)."""
+        r = self.router
+        return MoEConfig(
+            dim=self.dim, hidden_dim=self.hidden_dim, num_experts=self.num_experts, top_k=r.top_k,
+            score_func=r.score_func, route_norm=r.route_norm, route_scale=r.route_scale,
+            num_expert_groups=r.num_expert_groups, num_limited_groups=r.num_limited_groups,
+            group_score=r.group_score, route_order=r.route_order, score_before_experts=self.score_before_experts,
+            num_shared_experts=self.num_shared_experts, shared_hidden_dim=self.shared_hidden_dim,
+            expert_kernel=self.expert_kernel, use_expert_bias=self.use_expert_bias,
+            load_balance_loss=self.load_balance_loss, load_balance_coeff=self._balance_coeff,
+            router_z_loss_coeff=self.router_z_loss_coeff)
 
     # NOTE: `.to(torch.bfloat16)` / `.half()` / `.double()` must not touch the balancing buffers: the
     # bias update adds lr*sign in float32 (bf16 would round small steps away) and the counts exceed
@@ -267,7 +379,7 @@ class MoE(nn.Module):
         """
         order = torch.argsort(selected.reshape(-1), stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        scale = permute_rows(weights.reshape(-1), order, inverse) if self.config.score_before_experts else None
+        scale = permute_rows(weights.reshape(-1), order, inverse) if self.score_before_experts else None
         return gather_tokens(tokens, order, inverse, self.top_k, scale), order, inverse
 
     def combine(self, y_routed: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
@@ -278,7 +390,7 @@ class MoE(nn.Module):
         multiplies the expert output here, in float32. NOTE: a gather by the inverse permutation, then
         a sum over the k slots: no scatter-add, hence deterministic on every device.
         """
-        weights = None if self.config.score_before_experts else weights
+        weights = None if self.score_before_experts else weights
         return combine_slots(y_routed, weights, inverse, self.top_k)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -302,9 +414,9 @@ class MoE(nn.Module):
             x = x.to_local()
         bs, slen, dim = x.shape
         tokens = x.reshape(bs * slen, dim)
-        expert_bias = self.expert_bias if self.config.use_expert_bias else None
+        expert_bias = self.expert_bias if self.use_expert_bias else None
         # (1)-(5) router
-        logits, scores, selected, weights = self.router(tokens, expert_bias, selected_experts)
+        logits, scores, selected, weights = self.router.route(tokens, expert_bias, selected_experts)
         # (6) counts per expert; training-mode forwards feed the bias update
         counts = torch.bincount(selected.reshape(-1), minlength=self.num_experts)
         if self.training:
@@ -321,6 +433,11 @@ class MoE(nn.Module):
         out = out.view(bs, slen, dim)
         if wrap is not None:
             out = DTensor.from_local(out, *wrap)
+        balance = None
+        if self.load_balance_loss is not None:
+            balance = load_balance_loss(scores, selected, self.num_experts, self._balance_coeff,
+                                        self.load_balance_loss, batch=bs, group=self.sequence_partition_group)
+            out._load_balance_loss = balance  # the original module's interface
         if not return_aux:
             return out
         aux = {
@@ -330,10 +447,8 @@ class MoE(nn.Module):
             "routing_weights": weights,
             "tokens_per_expert": counts.float(),
         }
-        cfg = self.config
-        if cfg.load_balance_loss is not None:
-            aux["load_balance_loss"] = load_balance_loss(scores, selected, self.num_experts, cfg.load_balance_coeff,
-                                                         cfg.load_balance_loss, batch=bs)
-        if cfg.router_z_loss_coeff > 0:
-            aux["router_z_loss"] = router_z_loss(logits, cfg.router_z_loss_coeff)
+        if balance is not None:
+            aux["load_balance_loss"] = balance
+        if self.router_z_loss_coeff > 0:
+            aux["router_z_loss"] = router_z_loss(logits, self.router_z_loss_coeff)
         return out, aux

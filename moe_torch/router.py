@@ -5,6 +5,8 @@ Shapes: N = bs*slen tokens, D = dim, E = num_experts, k = top_k.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,41 +45,112 @@ def group_limited_mask(sel: torch.Tensor, num_groups: int, num_limited_groups: i
     return group_mask.repeat_interleave(e // num_groups, dim=-1)
 
 
+class RouterOutput(NamedTuple):
+    """What ``TokenChoiceTopKRouter.route`` returns (the same fields as ``moe_jax``'s router).
+
+    Float tensors in float32 (float64 for float64 input); N tokens, E experts, k = top_k.
+    """
+
+    router_logits: torch.Tensor  # (N, E), differentiable
+    scores: torch.Tensor  # (N, E) softmax or sigmoid of the logits, unbiased, unscaled, differentiable
+    selected_experts: torch.Tensor  # (N, k) int64, descending selection score, ties to the lower index
+    routing_weights: torch.Tensor  # (N, k) step (5): unbiased, optionally renormalised, times route_scale
+
+
+# the router's options; assigning one re-validates the whole set (``parity.config.validate_routing``)
+ROUTING_OPTIONS = ("top_k", "score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
+                   "group_score", "route_order")
+
+
 class TokenChoiceTopKRouter(nn.Module):
     """Each token picks its top-k experts (token choice), with the options of DESIGN.md.
 
+    The positional arguments are those of the original PyTorch module this kit grew from; the
+    options it did not have are keyword-only.
+
     Args:
-        dim, num_experts, top_k: sizes.
-        score_func: "softmax" | "sigmoid".
-        route_norm: renormalise the k routing weights to sum to 1 (+1e-20).
-        route_scale: multiply the routing weights (DeepSeek-V3: 2.5).
-        num_expert_groups, num_limited_groups, group_score: group-limited routing (DeepSeek-V2/V3).
+        dim, num_experts: sizes D and E.
+        top_k: experts per token (default 1).
+        score_func: "sigmoid" (default) | "softmax".
+        num_expert_groups, num_limited_groups: group-limited routing (DeepSeek-V2/V3): keep the
+            ``num_limited_groups`` best of ``num_expert_groups`` equal groups; both or neither.
+        route_scale: multiplies the routing weights (DeepSeek-V3: 2.5); default 1.0.
+        route_norm: renormalise the k routing weights to sum to 1 (+1e-20) before ``route_scale``.
+        group_score: "max" (DeepSeek-V2) | "top2_sum" (DeepSeek-V3) score of a group.
+        route_order: "scale_first" (default, the original module: select on ``scores * route_scale +
+            expert_bias``, groups from ``scores * route_scale``) | "bias_first" (DeepSeek-V3 /
+            torchtitan: select on ``scores + expert_bias``, groups included). DESIGN.md steps 2-3.
 
     Parameter: ``gate`` (nn.Linear D -> E, no bias; canonical name ``gate.weight`` (E, D)).
-    Raises ``ValueError`` for invalid options (``parity.config.validate_routing``).
+    Raises ``ValueError`` for invalid options (``parity.config.validate_routing``), at construction
+    and when an option attribute is assigned (change several at once with ``configure``);
+    ``num_experts`` is fixed by the gate's shape (``AttributeError`` on assignment).
 
-    ``forward(x, expert_bias=None, selected_experts=None)``: x (N, D) any float dtype ->
-    ``(router_logits (N, E), scores (N, E), selected_experts (N, k) int64, routing_weights (N, k))``, the
-    float tensors in float32 (float64 when x is float64: the router is float32 or wider).
-    ``expert_bias`` (E,) steers the selection only; ``selected_experts`` replaces step 4.
+    ``router(x, expert_bias=None)`` (the original's call): x (N, D) any float dtype ->
+    ``(top_scores (N, k) float32, selected_experts (N, k) int64, num_tokens_per_expert (E,) int64)``;
+    ``top_scores`` are the routing weights (differentiable), ``expert_bias`` (E,) steers the
+    selection only. ``router.route(...)`` gives every intermediate as a ``RouterOutput``.
+
+    Example::
+        >>> router = TokenChoiceTopKRouter(dim=64, num_experts=8, top_k=2)
+        >>> scores, indices, counts = router(torch.randn(32, 64))
+        >>> scores.shape, indices.shape, counts.shape
+        (torch.Size([32, 2]), torch.Size([32, 2]), torch.Size([8]))
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, score_func: str = "sigmoid",
-                 route_norm: bool = False, route_scale: float = 1.0, num_expert_groups: int | None = None,
-                 num_limited_groups: int | None = None, group_score: str = "max"):
+                 num_expert_groups: int | None = None, num_limited_groups: int | None = None,
+                 route_scale: float = 1.0, *, route_norm: bool = False, group_score: str = "max",
+                 route_order: str = "scale_first"):
         super().__init__()
-        validate_routing(num_experts=num_experts, top_k=top_k, score_func=score_func, route_scale=route_scale,
-                         num_expert_groups=num_expert_groups, num_limited_groups=num_limited_groups,
-                         group_score=group_score)
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.score_func = score_func
-        self.route_norm = route_norm
-        self.route_scale = route_scale
-        self.num_expert_groups = num_expert_groups
-        self.num_limited_groups = num_limited_groups
-        self.group_score = group_score
+        options = dict(top_k=top_k, score_func=score_func, route_norm=route_norm, route_scale=route_scale,
+                       num_expert_groups=num_expert_groups, num_limited_groups=num_limited_groups,
+                       group_score=group_score, route_order=route_order)
+        self._check_options(num_experts, options)
         self.gate = nn.Linear(dim, num_experts, bias=False)
+        self._num_experts = num_experts
+        for name, value in options.items():
+            super().__setattr__(name, value)
+
+    @staticmethod
+    def _check_options(num_experts: int, options: dict) -> None:
+        if not isinstance(options["route_norm"], bool):
+            raise ValueError(f"route_norm={options['route_norm']!r} must be True or False")
+        validate_routing(num_experts=num_experts, **{k: v for k, v in options.items() if k != "route_norm"})
+
+    @property
+    def num_experts(self) -> int:
+        """E, fixed by ``gate.weight`` (E, D)."""
+        return self._num_experts
+
+    @num_experts.setter
+    def num_experts(self, value) -> None:
+        raise AttributeError(f"num_experts is fixed by the gate weight's shape ({self._num_experts}, "
+                             f"{self.gate.in_features}); cannot set it to {value!r}: build a new router")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ROUTING_OPTIONS and name in self.__dict__:
+            try:
+                self.configure(**{name: value})
+            except ValueError as exc:
+                raise ValueError(f"{exc} (assign several routing options together with "
+                                 f"router.configure(...))") from None
+            return
+        super().__setattr__(name, value)
+
+    def configure(self, **changes) -> None:
+        """Change several routing options at once (e.g. ``num_expert_groups`` with
+        ``num_limited_groups``), validated together; nothing changes when they are invalid.
+
+        Raises ``ValueError`` naming the offending field and value, or an unknown option.
+        """
+        unknown = sorted(set(changes) - set(ROUTING_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown routing option(s) {unknown}; allowed: {list(ROUTING_OPTIONS)}")
+        options = {name: self.__dict__[name] for name in ROUTING_OPTIONS}
+        options.update(changes)
+        self._check_options(self._num_experts, options)
+        self.__dict__.update(changes)
 
     def init_weights(self, std: float | None = None) -> None:
         nn.init.normal_(self.gate.weight, 0.0, std if std is not None else self.gate.in_features ** -0.5)
@@ -95,34 +168,54 @@ class TokenChoiceTopKRouter(nn.Module):
                              f"expected expert indices in [0, {self.num_experts - 1}]")
         return selected.to(torch.int64)
 
-    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None,
-                selected_experts: torch.Tensor | None = None):
+    def route(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None,
+              selected_experts: torch.Tensor | None = None) -> RouterOutput:
+        """Steps (1)-(5): x (N, D) any float dtype -> ``RouterOutput``.
+
+        ``expert_bias`` (E,) steers the selection only (None: no bias). ``selected_experts`` (N, k)
+        integer, when given, replaces steps (2)-(4); the weights are this router's at those indices.
+        Raises ``TypeError`` / ``ValueError`` for a bad ``selected_experts``.
+        """
         # (1) float32-or-wider router: both operands upcast first (float64 stays float64)
         rdtype = torch.promote_types(x.dtype, torch.float32)
         logits = F.linear(x.to(rdtype), local_tensor(self.gate.weight).to(rdtype))
         scores = torch.softmax(logits, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits)
         if selected_experts is None:
             with torch.no_grad():
-                # (2) expert bias steers selection only
-                sel = scores + local_tensor(expert_bias).to(rdtype) if expert_bias is not None else scores
+                bias = local_tensor(expert_bias).to(rdtype) if expert_bias is not None else None
+                if self.route_order == "scale_first":
+                    # (2) scaled, unbiased scores choose the groups; the bias steers selection only
+                    group_src = scores * self.route_scale
+                    sel = group_src + bias if bias is not None else group_src
+                else:
+                    # (2) expert bias steers selection only, the group step included
+                    sel = scores + bias if bias is not None else scores
+                    group_src = sel
                 # (3) group-limited routing
                 if self.num_expert_groups is not None:
-                    keep = group_limited_mask(sel, self.num_expert_groups, self.num_limited_groups,
+                    keep = group_limited_mask(group_src, self.num_expert_groups, self.num_limited_groups,
                                               self.group_score)
                     sel = sel.masked_fill(~keep, float("-inf"))
                 # (4) top-k, ties to the lower expert index
                 idx = topk_lower_index(sel, self.top_k)
         else:
             idx = self._check_selected(local_tensor(selected_experts), x.shape[0]).to(x.device)
-        # (5) unbiased routing weights
+        # (5) unbiased routing weights (the same in both route orders)
         w = scores.gather(-1, idx)
         if self.route_norm:
             w = w / (w.sum(-1, keepdim=True) + ROUTE_NORM_EPS)
         w = w * self.route_scale
-        return logits, scores, idx, w
+        return RouterOutput(logits, scores, idx, w)
+
+    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
+        """The original module's call: ``(top_scores (N, k), selected_experts (N, k) int64,
+        num_tokens_per_expert (E,) int64)`` for x (N, D); see ``route``."""
+        r = self.route(x, expert_bias)
+        counts = torch.bincount(r.selected_experts.reshape(-1), minlength=self.num_experts)
+        return r.routing_weights, r.selected_experts, counts
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, score_func={self.score_func!r}, "
                 f"route_norm={self.route_norm}, route_scale={self.route_scale}, "
                 f"num_expert_groups={self.num_expert_groups}, num_limited_groups={self.num_limited_groups}, "
-                f"group_score={self.group_score!r}")
+                f"group_score={self.group_score!r}, route_order={self.route_order!r}")

@@ -10,9 +10,12 @@ Subcommands::
     moe-parity import-hf PATH --layer N --out FILE
     moe-parity compare A/report.json B/report.json
 
-Exit status: 0 every check passed, 1 a check failed (or nothing ran), 2 bad usage (one line on
+Exit status: 0 every check passed, 1 a check failed, 2 bad usage or nothing could run (one line on
 stderr saying why; for weights that do not match the config, the list of offending keys follows).
-Frameworks are imported only when a backend runs.
+Every argument is checked before any backend is built: numbers (tolerances >= 0 and finite, seeds
+>= 0, sizes > 0), ``--out`` (a writable directory, or one that can be created), ``--weights`` (a
+float safetensors file without NaN/Inf unless ``--allow-nonfinite``), ``--mesh`` against the config
+(``num_experts % ep == 0``, ``hidden_dim % tp == 0``). Frameworks are imported only when a backend runs.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
+import tempfile
 import time
 
 from parity.config import MoEConfig
@@ -46,6 +51,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # NOTE: argparse reads "-1e-9" or "-inf" after a flag as another flag ("expected one argument"),
+        # which hides the bad value; every negative number is a value here (no flag looks like one).
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
+
     def error(self, message):  # one line, not argparse's usage block
         raise UsageError(message)
 
@@ -121,8 +132,92 @@ def _read_hf(path: str, layer: int):
         raise UsageError(f"--hf {path} --layer {layer}: {exc}") from None
 
 
+# --------------------------------------------------------------------------------------------------
+# argument types (argparse turns an ArgumentTypeError into "argument --flag: <message>", one line)
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def tolerance_arg(text: str) -> float:
+    """A tolerance: a finite number >= 0 (a negative or NaN one would pass every check)."""
+    v = _number(text)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return v
+
+
+def finite_arg(text: str) -> float:
+    v = _number(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return v
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {low}")
+        return v
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+non_negative_int, positive_int = _int_at_least(0), _int_at_least(1)
+
+
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """``UsageError`` unless ``path`` is a directory this process can write a file in, or one it can
+    create. Checked before the run, so that no result is lost: the missing directories are created,
+    a file is written and removed, and the directories made for the probe are removed again."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} exists and is not a directory")
+    missing, probe = [], os.path.abspath(path)
+    while not os.path.exists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{flag} {path!r}: {probe!r} is not a directory, so {path!r} cannot be created")
+    created = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            created.append(d)
+        fd, name = tempfile.mkstemp(dir=path, prefix=".moe-parity-probe-")
+        os.close(fd)
+        os.remove(name)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path!r}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for d in reversed(created):
+            os.rmdir(d)
+
+
+def check_out_file(path: str, flag: str = "--out") -> None:
+    """``UsageError`` unless ``path`` names a file (not a directory) in an existing writable directory."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a directory; expected a file name such as weights.safetensors")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError(f"{flag} {path!r}: directory {d!r} does not exist")
+    try:
+        fd, name = tempfile.mkstemp(dir=d, prefix=".moe-parity-probe-")
+        os.close(fd)
+        os.remove(name)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path!r}: cannot write in {d!r} ({exc.strerror or exc})") from None
+
+
 def parse_tolerances(args) -> dict:
-    """``--atol/--rtol`` (every dtype) and ``--tol DTYPE=RTOL,ATOL`` -> parity.metrics overrides."""
+    """``--atol/--rtol`` (every dtype) and ``--tol DTYPE=RTOL,ATOL`` -> parity.metrics overrides.
+
+    Every value must be a finite number >= 0 (``UsageError`` naming the bad one)."""
     out: dict[str, dict[str, float]] = {}
     if args.rtol is not None:
         out.setdefault("*", {})["rtol"] = args.rtol
@@ -133,9 +228,9 @@ def parse_tolerances(args) -> dict:
         if not m or m.group(1) not in DTYPES:
             raise UsageError(f"--tol {spec!r}: expected DTYPE=RTOL,ATOL with DTYPE one of {', '.join(DTYPES)}")
         try:
-            out[m.group(1)] = {"rtol": float(m.group(2)), "atol": float(m.group(3))}
-        except ValueError:
-            raise UsageError(f"--tol {spec!r}: RTOL and ATOL must be numbers") from None
+            out[m.group(1)] = {"rtol": tolerance_arg(m.group(2)), "atol": tolerance_arg(m.group(3))}
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"--tol {spec!r}: RTOL and ATOL must be finite numbers >= 0 ({exc})") from None
     return out
 
 
@@ -164,10 +259,19 @@ def cmd_run(args) -> int:
     from parity.backends import DEFAULT_BACKENDS, make_runner, normalize_backend
     from parity.weights import WeightsError, init_weights, load_weights
 
-    # --- what layer ---
+    # --- cheap checks first: nothing below may fail after a long run ---
     sources = [n for n, v in (("--preset", args.preset), ("--config", args.config), ("--hf", args.hf)) if v]
     if len(sources) > 1:
         raise UsageError(f"give at most one of --preset, --config, --hf (got {', '.join(sources)})")
+    if args.layer is not None and not args.hf:
+        raise UsageError(f"--layer {args.layer} needs --hf PATH (it picks a layer of a Hugging Face checkpoint)")
+    if args.hf and args.layer is None:
+        args.layer = 0
+    if args.out:
+        check_out_dir(args.out)
+    tolerances = parse_tolerances(args)
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    # --- what layer ---
     hf_weights = None
     preset_name = None
     if args.hf:
@@ -196,13 +300,15 @@ def cmd_run(args) -> int:
     if not names:
         raise UsageError("--backends is empty")
     names = list(dict.fromkeys(names))
+    if mesh is not None:
+        from parity.mesh_job import check_mesh
+
+        try:
+            check_mesh(mesh, args.batch, cfg=cfg)
+        except ValueError as exc:
+            raise UsageError(f"--mesh {args.mesh}: {exc}") from None
     runners = [make_runner(n, hf_path=args.hf, hf_layer=args.layer) for n in names]
-    if args.mesh:
-        mesh = parse_mesh(args.mesh)
-        if importlib.util.find_spec("parity.mesh") is None:
-            raise UsageError(f"--mesh {args.mesh}: not implemented yet (sharded runners arrive with parity.mesh)")
-        if args.batch % mesh.get("ep", 1):
-            raise UsageError(f"--mesh {args.mesh}: --batch {args.batch} is not divisible by ep={mesh['ep']}")
+    if mesh is not None:
         try:
             runners += importlib.import_module("parity.mesh").make_runners(mesh, names)
         except ValueError as exc:
@@ -212,7 +318,7 @@ def cmd_run(args) -> int:
         weights, source = hf_weights, f"{args.hf} layer {args.layer}"
     elif args.weights:
         try:
-            weights = load_weights(args.weights, cfg)
+            weights = load_weights(args.weights, cfg, allow_nonfinite=args.allow_nonfinite)
         except WeightsError as exc:
             raise UsageError(str(exc)) from None
         source = os.path.abspath(args.weights)
@@ -225,8 +331,8 @@ def cmd_run(args) -> int:
     try:
         settings = Settings(cfg=cfg, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
                             steps=args.steps, bias_lr=args.bias_lr, lock_routing=args.lock_routing,
-                            tolerances=parse_tolerances(args), tie_tol=args.tie_tol, preset=preset_name,
-                            weights_source=source, grads=not args.no_grads)
+                            tolerances=tolerances, tie_tol=args.tie_tol, preset=preset_name,
+                            weights_source=source, grads=not args.no_grads, allow_nonfinite=args.allow_nonfinite)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -261,6 +367,8 @@ def cmd_run(args) -> int:
         print(report.to_json())
     else:
         out_console.print(report.rich_table(max_rows=args.max_rows or None, out_path=args.out))
+        for note in report.notes:
+            out_console.print("[cyan]note[/] " + escape(note))
         for r in report.routing:
             if r.count:
                 out_console.print("[yellow]routing[/] " + escape(f"{r.backend} vs {r.against}: {r.summary()}"))
@@ -315,6 +423,7 @@ def cmd_init_weights(args) -> int:
 
     if args.config and args.preset:
         raise UsageError("give one of --preset, --config")
+    check_out_file(args.out)
     cfg = read_config_file(args.config) if args.config else _preset(args.preset or "default").config
     weights = init_weights(cfg, args.seed)
     meta = {"moe_config": json.dumps(cfg.to_dict()), "seed": str(args.seed),
@@ -327,18 +436,14 @@ def cmd_init_weights(args) -> int:
 def _save(path, weights, meta):
     from parity.weights import save_weights
 
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise UsageError(f"--out {path!r}: directory {d!r} does not exist")
+    check_out_file(path)
     save_weights(path, weights, metadata=meta)
 
 
 def cmd_import_hf(args) -> int:
+    check_out_file(args.out)
     _read_hf(args.path, args.layer)  # clear usage errors first (missing module, bad path or layer)
     hf = importlib.import_module("parity.hf")
-    d = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(d):
-        raise UsageError(f"--out {args.out!r}: directory {d!r} does not exist")
     cfg = hf.import_hf(args.path, args.layer, args.out)
     print(f"wrote layer {args.layer} of {args.path} ({cfg.num_experts} experts, top-{cfg.top_k}) to {args.out}")
     return 0
@@ -381,29 +486,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", help="a preset name (see `moe-parity presets`); default 'default'")
     r.add_argument("--config", help="TOML or JSON file of MoEConfig fields")
     r.add_argument("--hf", metavar="PATH", help="a Hugging Face checkpoint directory (needs parity.hf)")
-    r.add_argument("--layer", type=int, default=0, help="layer index for --hf (default 0)")
+    r.add_argument("--layer", type=non_negative_int, help="layer index for --hf (default 0; only with --hf)")
     r.add_argument("--weights", metavar="FILE", help="canonical weights (.safetensors); default: from --seed")
-    r.add_argument("--seed", type=int, default=0, help="seed of weights, input and cotangent (default 0)")
+    r.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of weights, input and cotangent, an integer >= 0 (default 0)")
     r.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     r.add_argument("--backends", help="comma list of torch:cpu,torch:cuda,torch:npu,jax:cpu,jax:gpu,"
                                       "jax:tpu,hf:cpu,reference:cpu (default: all but hf/reference)")
     r.add_argument("--kernel", help="expert_kernel override (e.g. loop, grouped_mm, ragged_dot)")
-    r.add_argument("--batch", type=int, default=2)
-    r.add_argument("--seq-len", type=int, default=8)
-    r.add_argument("--steps", type=int, default=3, help="expert-bias update steps (default 3; 0 skips)")
-    r.add_argument("--bias-lr", type=float, default=1e-3, help="update_expert_bias rate (default 1e-3)")
+    r.add_argument("--batch", type=positive_int, default=2)
+    r.add_argument("--seq-len", type=positive_int, default=8)
+    r.add_argument("--steps", type=non_negative_int, default=3, help="expert-bias update steps (default 3; 0 skips)")
+    r.add_argument("--bias-lr", type=finite_arg, default=1e-3, help="update_expert_bias rate (default 1e-3)")
     r.add_argument("--lock-routing", action="store_true",
                    help="feed every backend (and the reference) the first backend's selected experts")
     r.add_argument("--no-grads", action="store_true", help="skip the gradient checks")
-    r.add_argument("--rtol", type=float, help="relative tolerance for every dtype")
-    r.add_argument("--atol", type=float, help="absolute tolerance for every dtype")
+    r.add_argument("--rtol", type=tolerance_arg, help="relative tolerance for every dtype (>= 0)")
+    r.add_argument("--atol", type=tolerance_arg, help="absolute tolerance for every dtype (>= 0)")
     r.add_argument("--tol", action="append", metavar="DTYPE=RTOL,ATOL", help="per-dtype tolerance (repeatable)")
-    r.add_argument("--tie-tol", type=float, default=1e-4,
-                   help="largest selection margin counted as a near-tie (default 1e-4)")
+    r.add_argument("--tie-tol", type=tolerance_arg, default=1e-4,
+                   help="largest selection margin counted as a near-tie (default 1e-4; >= 0)")
+    r.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN/Inf in the weights (refused by default) and compare NaN/Inf positions as masks")
     r.add_argument("--mesh", help="also run the sharded layers (CPU), e.g. ep=2, tp=2, ep=2xtp=2")
     r.add_argument("--out", metavar="DIR", help="write report.json, report.md and PNG plots here")
     r.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
-    r.add_argument("--max-rows", type=int, default=None, help="terminal table rows (default all)")
+    r.add_argument("--max-rows", type=non_negative_int, default=None, help="terminal table rows (default all; 0 all)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 
@@ -414,13 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     iw = sub.add_parser("init-weights", help="write deterministic canonical weights for a preset/config")
     iw.add_argument("--preset")
     iw.add_argument("--config")
-    iw.add_argument("--seed", type=int, default=0)
+    iw.add_argument("--seed", type=non_negative_int, default=0)
     iw.add_argument("--out", required=True)
     iw.set_defaults(func=cmd_init_weights)
 
     ih = sub.add_parser("import-hf", help="write one MoE layer of a Hugging Face checkpoint as canonical weights")
     ih.add_argument("path")
-    ih.add_argument("--layer", type=int, required=True)
+    ih.add_argument("--layer", type=non_negative_int, required=True)
     ih.add_argument("--out", required=True)
     ih.set_defaults(func=cmd_import_hf)
 

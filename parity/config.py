@@ -13,6 +13,7 @@ from typing import Any
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
+ROUTE_ORDERS = ("bias_first", "scale_first")
 LOAD_BALANCE_LOSSES = (None, "switch", "sequence")
 TORCH_KERNELS = ("auto", "loop", "grouped_mm", "npu")
 JAX_KERNELS = ("auto", "ragged_dot", "blocked", "dense")
@@ -43,6 +44,7 @@ def validate_routing(
     num_expert_groups: int | None = None,
     num_limited_groups: int | None = None,
     group_score: str = "max",
+    route_order: str = "bias_first",
 ) -> None:
     """Check the router options; raise ``ValueError`` naming the field, its value and what is allowed.
 
@@ -54,6 +56,7 @@ def validate_routing(
         raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
     _one_of("score_func", score_func, SCORE_FUNCS)
     _one_of("group_score", group_score, GROUP_SCORES)
+    _one_of("route_order", route_order, ROUTE_ORDERS)
     if isinstance(route_scale, bool) or not isinstance(route_scale, (int, float)) or not math.isfinite(route_scale) or route_scale <= 0:
         raise ValueError(f"route_scale={route_scale!r} must be a finite number > 0")
     if num_expert_groups is None:
@@ -93,8 +96,15 @@ def validate_routing(
 class MoEConfig:
     """Every option of the MoE layer; the same keyword names in ``moe_torch.MoE`` and ``moe_jax.MoE``.
 
-    Defaults are those of the PyTorch module this kit grew from (torchtitan-style: sigmoid scores,
-    top-1, routing weights applied before the experts).
+    Defaults follow the PyTorch module this kit grew from (sigmoid scores, top-1, routing weights
+    applied before the experts, no balance loss) except in two fields that only matter with an expert
+    bias: ``use_expert_bias=False`` and ``route_order="bias_first"`` (DeepSeek-V3 / torchtitan). That
+    module's own constructor (``moe_torch.MoE(dim, hidden_dim, num_experts)``, fields not given) gets
+    ``use_expert_bias=True`` and ``route_order="scale_first"``, as does the "default" preset.
+
+    ``route_order`` (DESIGN.md steps 2-3): "bias_first" adds ``expert_bias`` before the group step
+    and scales the routing weights after selection; "scale_first" (the original module) selects on
+    ``scores * route_scale + expert_bias`` with the groups chosen from ``scores * route_scale``.
 
     Raises ``ValueError`` naming the field, the value given and what is allowed.
     """
@@ -111,6 +121,7 @@ class MoEConfig:
     num_expert_groups: int | None = None
     num_limited_groups: int | None = None
     group_score: str = "max"
+    route_order: str = "bias_first"
     # experts
     score_before_experts: bool = True
     num_shared_experts: int = 0
@@ -133,6 +144,7 @@ class MoEConfig:
             num_expert_groups=self.num_expert_groups,
             num_limited_groups=self.num_limited_groups,
             group_score=self.group_score,
+            route_order=self.route_order,
         )
         for name in ("route_norm", "score_before_experts", "use_expert_bias"):
             if not isinstance(getattr(self, name), bool):
@@ -185,3 +197,65 @@ class MoEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return self.to_kwargs()
+
+
+# ------------------------------------------------------------------ the layers' constructor arguments
+class _NotGiven:
+    """A keyword left at its default, told apart from an explicit ``None`` (``load_balance_loss``)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+BALANCE_FROM_COEFF = _NotGiven("<'switch' when load_balance_coeff is a number, else None>")
+
+# keys a ``router_kwargs`` dict may hold (the original module forwarded it to its router)
+ROUTER_KWARGS = ("top_k", "score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
+                 "group_score", "route_order", "use_expert_bias")
+
+
+def layer_config(*, load_balance_coeff: float | None = None, load_balance_loss: Any = BALANCE_FROM_COEFF,
+                 use_expert_bias: bool | None = None, route_order: str | None = None,
+                 router_kwargs: dict[str, Any] | None = None, **fields_: Any) -> MoEConfig:
+    """The ``MoEConfig`` that ``moe_torch.MoE`` / ``moe_jax.MoE`` build from their arguments.
+
+    A field passed explicitly always wins (so ``MoE(**cfg.to_kwargs())`` builds ``cfg``); a field not
+    given gets the behaviour of the original PyTorch module:
+
+    - ``use_expert_bias`` None -> True (the original always adds ``expert_bias``, a zero buffer until
+      ``update_expert_bias`` changes it, to the selection scores);
+    - ``route_order`` None -> "scale_first" (the original's order, DESIGN.md steps 2-3);
+    - ``load_balance_loss`` not given -> "switch" when ``load_balance_coeff`` is a number, else None
+      (the original: ``load_balance_coeff=None`` means no loss);
+    - ``load_balance_coeff`` None -> no loss unless ``load_balance_loss`` names one, which then gets
+      ``MoEConfig``'s default coefficient.
+
+    ``router_kwargs`` (keys ``ROUTER_KWARGS``) is merged over the keywords (the dict wins).
+    Raises ``ValueError`` naming an unknown argument or key, or an invalid value (``MoEConfig``).
+    """
+    names = {f.name for f in fields(MoEConfig)}
+    unknown = sorted(set(fields_) - names)
+    if unknown:
+        raise ValueError(f"unknown MoE argument(s) {unknown}; allowed: {sorted(names)} and "
+                         f"router_kwargs, shared_expert")
+    options = dict(fields_, use_expert_bias=use_expert_bias, route_order=route_order)
+    if router_kwargs:
+        if not isinstance(router_kwargs, dict):
+            raise ValueError(f"router_kwargs must be a dict or None, got {type(router_kwargs).__name__}")
+        bad = sorted(set(router_kwargs) - set(ROUTER_KWARGS))
+        if bad:
+            raise ValueError(f"router_kwargs has unknown key(s) {bad}; allowed: {list(ROUTER_KWARGS)}")
+        options.update(router_kwargs)
+    if options["use_expert_bias"] is None:
+        options["use_expert_bias"] = True
+    if options["route_order"] is None:
+        options["route_order"] = "scale_first"
+    if load_balance_loss is BALANCE_FROM_COEFF:
+        load_balance_loss = None if load_balance_coeff is None else "switch"
+    options["load_balance_loss"] = load_balance_loss
+    if load_balance_coeff is not None:
+        options["load_balance_coeff"] = load_balance_coeff
+    return MoEConfig(**options)

@@ -27,6 +27,12 @@
 
 A backend that is absent is SKIPPED with its reason; an exception inside a backend is a FAIL row
 (kind "error") and the run goes on.
+
+Inputs are checked before anything runs: weights of an integer or bool dtype, or holding NaN/Inf, and
+an input ``x`` holding NaN/Inf are errors (``WeightsError`` / ``ValueError`` naming each tensor and
+count) unless ``Settings.allow_nonfinite``; weights of another float dtype than the run's (buffers:
+float32) are rounded to it, which ``Report.notes`` says in one line. Every row fails on a NaN/Inf
+that its expected answer does not hold (``parity.metrics.compare``), whatever its tolerance.
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ from parity import reference as ref
 from parity.backends.base import GRAD_INPUT, Runner, Tensors, objective_cotangent
 from parity.backends.reference_backend import reference_forward, selection_margins
 from parity.config import MoEConfig
-from parity.metrics import DTYPES, compare, errors, round_to, tolerance
+from parity.metrics import DTYPES, check_overrides, check_tolerance, compare, round_to, tolerance
 from parity.report import FAIL, PASS, SKIP, WARN, Check, Report, RoutingFinding, environment
-from parity.weights import check_weights
+from parity.weights import check_finite, check_float_dtypes, check_weights, dtype_name
 
 BUFFERS = ("expert_bias", "tokens_per_expert")
 FORWARD_KEYS = ("out", "router_logits", "scores", "selected_experts", "routing_weights",
@@ -57,8 +63,11 @@ class Settings:
     """Everything a run depends on besides the weights and the runners.
 
     ``tolerances``: overrides, ``{"*" | dtype: {"rtol": .., "atol": ..}}`` (see
-    ``parity.metrics.tolerance``). ``tie_tol``: largest reference selection margin a routing
-    divergence may have and still count as a near-tie (WARN rather than FAIL).
+    ``parity.metrics.tolerance``; finite numbers >= 0). ``tie_tol``: largest reference selection
+    margin a routing divergence may have and still count as a near-tie (WARN rather than FAIL; a
+    finite number >= 0). ``allow_nonfinite``: accept weights / input holding NaN/Inf and compare
+    NaN/Inf positions as masks (a mismatch fails); off, they are refused. Raises ``ValueError``
+    naming the field for any invalid value.
     """
 
     cfg: MoEConfig
@@ -74,6 +83,7 @@ class Settings:
     preset: str | None = None
     weights_source: str = "parity.weights.init_weights(seed=0)"
     grads: bool = True
+    allow_nonfinite: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -81,8 +91,15 @@ class Settings:
         for name in ("batch", "seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps={self.steps!r} must be an integer >= 0")
+        for name in ("steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        check_tolerance("tie_tol", self.tie_tol)
+        if isinstance(self.bias_lr, bool) or not isinstance(self.bias_lr, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(self.bias_lr):
+            raise ValueError(f"bias_lr={self.bias_lr!r} must be a finite number")
+        check_overrides(self.tolerances)
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "config": self.cfg.to_dict(), "dtype": self.dtype,
@@ -90,7 +107,7 @@ class Settings:
                 "bias_lr": self.bias_lr, "lock_routing": self.lock_routing, "tie_tol": self.tie_tol,
                 "tolerances": {kind: {dt: tolerance(dt, kind, self.tolerances) for dt in DTYPES}
                                for kind in ("forward", "grad")},
-                "weights": self.weights_source, "grads": self.grads}
+                "weights": self.weights_source, "grads": self.grads, "allow_nonfinite": self.allow_nonfinite}
 
 
 class NullProgress:
@@ -126,6 +143,35 @@ def cast_weights(weights: Mapping[str, np.ndarray], cfg: MoEConfig, dtype: str) 
     return out
 
 
+def conversion_note(weights: Mapping[str, np.ndarray], dtype: str) -> str:
+    """One line naming the weights stored in another float dtype than the run's ``dtype`` (buffers:
+    float32), which ``cast_weights`` rounds; "" when every tensor already is in its dtype."""
+    by_source: dict[str, list[str]] = {}
+    for name, value in weights.items():
+        got = dtype_name(value)
+        if got != ("float32" if name in BUFFERS else dtype):
+            by_source.setdefault(got, []).append(name)
+    if not by_source:
+        return ""
+    parts = "; ".join(f"{', '.join(names)} from {src}" for src, names in by_source.items())
+    return f"weights converted to the run's dtype {dtype} (buffers to float32): {parts}"
+
+
+def check_input(x, cfg: MoEConfig, allow_nonfinite: bool = False) -> None:
+    """``ValueError`` for an ``x`` that is not a float ``[batch, seq_len, dim]`` array or (unless
+    ``allow_nonfinite``) holds NaN/Inf (the count named)."""
+    if np.ndim(x) != 3 or np.shape(x)[-1] != cfg.dim:
+        raise ValueError(f"x has shape {np.shape(x)}; expected [batch, seq_len, dim={cfg.dim}]")
+    if dtype_name(x) not in ("float64", "float32", "bfloat16", "float16"):
+        raise ValueError(f"x has dtype {dtype_name(x)}; expected a floating-point array")
+    if not allow_nonfinite:
+        a = np.asarray(x).astype(np.float64)
+        n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        if n_nan or n_inf:
+            raise ValueError(f"x holds {n_nan} NaN and {n_inf} Inf value(s) of {a.size}; pass "
+                             f"allow_nonfinite=True to compare NaN/Inf positions as masks")
+
+
 # --------------------------------------------------------------------------------------------------
 def expected_dtype(key: str, run_dtype: str) -> str:
     """The dtype a tensor is compared in: ``out`` and gradients in the run's dtype; the router and its
@@ -157,14 +203,17 @@ class _Run:
     def __init__(self, settings: Settings, weights, runners: Sequence[Runner], x, progress):
         self.s = settings
         self.cfg = settings.cfg
+        check_float_dtypes(weights)
         check_weights(weights, self.cfg, optional=BUFFERS)
+        if not settings.allow_nonfinite:
+            check_finite(weights)
+        note = conversion_note(weights, settings.dtype)
         self.w = cast_weights(weights, self.cfg, settings.dtype)
         x = make_input(self.cfg, settings.batch, settings.seq_len, settings.seed) if x is None else x
-        if np.ndim(x) != 3 or np.shape(x)[-1] != self.cfg.dim:
-            raise ValueError(f"x has shape {np.shape(x)}; expected [batch, seq_len, dim={self.cfg.dim}]")
+        check_input(x, self.cfg, settings.allow_nonfinite)
         self.x = round_to(x, settings.dtype)
         self.progress = progress or NullProgress()
-        self.report = Report(settings=settings.to_dict(), environment=environment())
+        self.report = Report(settings=settings.to_dict(), environment=environment(), notes=[note] if note else [])
         self.active: list[Runner] = []
         for r in runners:
             reason = r.unavailable()
@@ -212,13 +261,23 @@ class _Run:
                                   dtype=dtype, status=FAIL,
                                   note=f"shape {list(a.shape)} != expected {list(e.shape)}"))
             return None
-        m = compare(a, e, metric_dtype, rtol=tol["rtol"], atol=tol["atol"])
-        status = PASS if m.passed else (WARN if soften else FAIL)
-        fields = {k: v for k, v in m.to_dict().items() if k != "passed"}
+        allow = self.s.allow_nonfinite
+        m = compare(a, e, metric_dtype, rtol=tol["rtol"], atol=tol["atol"], allow_nonfinite=allow)
+        reason = m.nonfinite_reason("the float64 answer" if against == REFERENCE or "@float64" in against
+                                    else against, allow)
+        masks = (f"{m.nonfinite_matched} NaN/Inf element(s) at the same places in both (compared as masks, "
+                 f"allow_nonfinite)") if allow and m.nonfinite_matched else ""
+        # a NaN/Inf the expected answer does not hold is a FAIL of its own, never softened to WARN
+        status = PASS if m.passed else (FAIL if reason else WARN if soften else FAIL)
+        fields = {k: v for k, v in m.to_dict().items()
+                  if k not in ("passed", "nonfinite", "mask_mismatch", "nonfinite_matched")}
+        bad = m.nonfinite + m.mask_mismatch + (0 if allow else m.nonfinite_matched)
         check = Check(id=cid, kind=kind, tensor=tensor, backend=backend, against=against, dtype=dtype,
-                      status=status, note=note, masked_tokens=masked, **fields)
+                      status=status, note="; ".join(filter(None, [reason, masks, note])), masked_tokens=masked,
+                      nonfinite=bad, **fields)
         self.report.add(check)
-        self.report.errors[cid] = errors(a, e).ravel()
+        finite = np.isfinite(a) & np.isfinite(e)  # the histograms show the measured errors only
+        self.report.errors[cid] = np.abs(a[finite] - e[finite]).ravel()
         return check
 
     # ---- stages ----------------------------------------------------------------------------------

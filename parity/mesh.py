@@ -22,7 +22,7 @@ import numpy as np
 
 from parity.backends.base import GRAD_INPUT, Runner, Tensors
 from parity.config import MoEConfig
-from parity.mesh_job import MESH_AXES, MeshJob
+from parity.mesh_job import MESH_AXES, STALL_TIMEOUT_S, MeshJob
 
 FRAMEWORKS = ("torch", "jax")
 
@@ -33,11 +33,15 @@ def mesh_name(mesh: Mapping[str, int]) -> str:
 
 
 class MeshRunner(Runner):
-    """One framework's sharded layer on ``mesh`` (CPU). ``framework``: "torch" | "jax"."""
+    """One framework's sharded layer on ``mesh`` (CPU). ``framework``: "torch" | "jax".
+
+    ``timeout_s``: seconds the worker processes may go without reporting progress (a hang) before
+    they are terminated and the call fails (``parity.mesh_job.wait_for``); no bound on the total time.
+    """
 
     capabilities = frozenset({"forward", "aux", "lock", "grad", "bias"})
 
-    def __init__(self, framework: str, mesh: Mapping[str, int], *, timeout_s: float = 300.0, **hooks):
+    def __init__(self, framework: str, mesh: Mapping[str, int], *, timeout_s: float = STALL_TIMEOUT_S, **hooks):
         super().__init__(**hooks)
         if framework not in FRAMEWORKS:
             raise ValueError(f"framework={framework!r} has no sharded runner; known: {FRAMEWORKS}")

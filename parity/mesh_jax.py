@@ -20,8 +20,10 @@ a ``jax.sharding.Mesh`` with axes ("ep", "tp") as given, and returns NumPy array
 
 Mesh: ``{"ep": n}``, ``{"tp": n}`` or ``{"ep": n, "tp": m}``; shards along ``ep`` take consecutive batch
 shards (``B % ep == 0``). Errors: ``ValueError`` (before the subprocess starts) for an unknown axis, a
-size < 1 or a batch not divisible by ``ep``; ``RuntimeError`` with the worker's exception and traceback
-when it fails; ``TimeoutError`` (the worker is killed) past ``timeout_s``.
+size < 1, a batch not divisible by ``ep`` or a config the mesh cannot shard (``num_experts % ep``,
+``hidden_dim % tp``: ``parity.mesh_job.check_mesh``); ``RuntimeError`` with the worker's exception and
+traceback when it fails; ``TimeoutError`` (the worker is killed) after ``timeout_s`` seconds without
+progress (``run_worker``).
 
 jax is imported only in the worker, so ``import parity.mesh_jax`` stays cheap.
 """
@@ -39,30 +41,52 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from parity.config import MoEConfig
-from parity.mesh_job import BUFFERS, MESH_AXES, MeshJob, check_mesh, unflatten_result, write_job
+from parity.mesh_job import (
+    BUFFERS,
+    MESH_AXES,
+    PROGRESS_ENV,
+    STALL_TIMEOUT_S,
+    MeshJob,
+    check_mesh,
+    report_progress,
+    unflatten_result,
+    wait_for,
+    write_job,
+)
 
 LOSSES = ("load_balance_loss", "router_z_loss")
 
 
 # ------------------------------------------------------------------------------------ parent side
-def run_worker(fn: str, folder: str, *args, devices: int, timeout_s: float = 300.0) -> None:
+def run_worker(fn: str, folder: str, *args, devices: int, timeout_s: float = STALL_TIMEOUT_S) -> None:
     """Run ``fn(folder, *args)`` ("module:function") in a fresh Python with ``devices`` host CPU devices.
 
     Raises ``RuntimeError`` (the worker's exception and traceback) when it fails and ``TimeoutError``
-    (the worker killed) past ``timeout_s`` seconds.
+    (the worker killed) after ``timeout_s`` seconds *without progress*: the worker reports progress
+    with ``parity.mesh_job.report_progress`` (``run_jobs`` does after each job and stage), so a slow
+    run on a loaded machine goes on and a hang ends (``parity.mesh_job.wait_for``).
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), *sys.path, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-c", "from parity.mesh_jax import _child; _child()", fn, folder, json.dumps(args)]
-    try:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise TimeoutError(f"JAX {devices}-device worker {fn} exceeded timeout_s={timeout_s}; killed") from None
+    with tempfile.TemporaryDirectory(prefix="moe_jax_worker_") as tmp:
+        env[PROGRESS_ENV] = os.path.join(tmp, "progress.log")
+        with open(os.path.join(tmp, "stderr.log"), "w+b") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                wait_for([proc], env[PROGRESS_ENV], timeout_s, f"JAX {devices}-device worker {fn}",
+                         lambda codes: codes[0] is not None)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            log.seek(0)
+            stderr = log.read().decode(errors="replace")
     if proc.returncode != 0:
         err = os.path.join(folder, "worker.err")
-        text = open(err).read() if os.path.exists(err) else proc.stderr.decode(errors="replace")
+        text = open(err).read() if os.path.exists(err) else stderr
         raise RuntimeError(f"JAX {devices}-device worker {fn} failed (exit code {proc.returncode}): {text[-4000:]}")
 
 
@@ -81,7 +105,7 @@ def _child() -> None:
         sys.exit(1)
 
 
-def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dict]:
+def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = STALL_TIMEOUT_S) -> list[dict]:
     """Run several jobs in one worker (JAX start-up paid once) with as many devices as the largest mesh.
 
     Returns one result dict per job (the layout of ``run_jax_mesh``). Raises as ``run_jax_mesh``.
@@ -89,7 +113,7 @@ def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dic
     if not jobs:
         return []
     for j in jobs:
-        check_mesh(j.mesh, np.shape(j.x)[0], runner="jax")
+        check_mesh(j.mesh, np.shape(j.x)[0], runner="jax", cfg=j.cfg)
     with tempfile.TemporaryDirectory(prefix="moe_jax_mesh_") as tmp:
         for i, job in enumerate(jobs):
             write_job(os.path.join(tmp, f"job{i}"), job)
@@ -101,7 +125,7 @@ def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dic
 def run_jax_mesh(cfg: MoEConfig, weights: Mapping[str, np.ndarray], x: np.ndarray, cotangent: np.ndarray,
                  mesh: Mapping[str, int], steps: int = 3, lr: float = 1e-3, dtype: str = "float32", *,
                  xs: Sequence[np.ndarray] | None = None, selected_experts: np.ndarray | None = None,
-                 timeout_s: float = 300.0) -> dict:
+                 timeout_s: float = STALL_TIMEOUT_S) -> dict:
     """The sharded JAX layer's forward, gradients and bias steps (module docstring for keys and errors).
 
     Args as ``parity.mesh_torch.run_torch_mesh``: ``cfg``; ``weights`` canonical (buffers optional);
@@ -127,6 +151,7 @@ def run_jobs(folder: str, count: int) -> None:
     """Worker side of ``run_mesh_jobs``: run ``folder/job{i}`` for i < count, writing ``job{i}.result.*``."""
     for i in range(count):
         run_job(os.path.join(folder, f"job{i}"))
+        report_progress(f"job {i + 1}/{count} done")
 
 
 def make_mesh(mesh: Mapping[str, int]):
@@ -248,6 +273,7 @@ def _job(meta: dict, arrays: dict) -> tuple[dict, dict, dict]:
             out[f"grad/{name}"] = np.asarray(g, np.float64)
     for p, v in nnx.to_flat_state(grads):
         spread["grad/" + ".".join(map(str, p))] = _spread(v[...])
+    report_progress("forward + gradients")
 
     # bias steps: a training loop inside one shard_map, counts psum-ed by update_expert_bias(group="ep")
     steps = meta["steps"]

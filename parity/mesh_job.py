@@ -3,12 +3,19 @@
 ``MeshJob`` holds the arguments of one run; ``write_job`` stores it as ``.npz`` (NumPy arrays, read back
 without pickle) + ``.json`` for the worker processes; ``check_mesh`` validates a mesh before any
 process starts. Pure NumPy: importing it loads no framework.
+
+Hang detection (one place for the torch ranks and the JAX worker): a worker calls
+``report_progress(label)`` after each step of its work (process group up, each job's forward,
+gradients, bias steps); the parent's ``wait_for`` polls the processes and fails with ``TimeoutError``
+only after ``timeout_s`` seconds *without progress*, so a slow, loaded machine is not a hang.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +24,47 @@ from parity.config import MoEConfig
 
 MESH_AXES = ("ep", "tp")
 BUFFERS = ("expert_bias", "tokens_per_expert")
+#: environment variable naming the file a worker appends its progress lines to
+PROGRESS_ENV = "MOE_PARITY_PROGRESS"
+#: default bound on the seconds a sharded run may go without progress (not on its total time)
+STALL_TIMEOUT_S = 300.0
+
+
+def report_progress(label: str) -> None:
+    """Worker side: append ``label`` as one line to the file named by ``$MOE_PARITY_PROGRESS`` (no-op
+    when unset). Each call restarts the parent's no-progress clock (``wait_for``)."""
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (label.replace("\n", " ") + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+def wait_for(procs: Sequence, progress_path: str, timeout_s: float, what: str,
+             on_exit: Callable[[list], bool], poll_s: float = 0.05) -> None:
+    """Parent side: poll ``procs`` (``subprocess.Popen``) until ``on_exit(exit codes)`` returns True
+    (it may raise, e.g. for a failed worker).
+
+    Raises ``TimeoutError`` naming ``what``, the bound and the last progress line when
+    ``progress_path`` (the workers' ``$MOE_PARITY_PROGRESS``) has not grown for ``timeout_s`` seconds;
+    the caller terminates the processes. Between two progress lines any amount of slowness is fine.
+    """
+    size, last, label = -1, time.monotonic(), "none yet (starting up)"
+    while not on_exit([p.poll() for p in procs]):
+        now = time.monotonic()
+        new = os.path.getsize(progress_path) if os.path.exists(progress_path) else 0
+        if new != size:
+            if new > 0:
+                with open(progress_path, "rb") as f:
+                    f.seek(max(0, new - 400))
+                    label = f.read().decode(errors="replace").splitlines()[-1]
+            size, last = new, now
+        elif now - last > timeout_s:
+            raise TimeoutError(f"{what}: no progress for timeout_s={timeout_s:g} s (a hang, not slowness: the "
+                               f"bound restarts at every progress line; last: {label}); terminated")
+        time.sleep(poll_s)
 
 
 @dataclass
@@ -36,8 +84,11 @@ class MeshJob:
     extra: dict = field(default_factory=dict)
 
 
-def check_mesh(mesh: Mapping[str, int], batch: int, runner: str = "torch") -> None:
-    """``ValueError`` for an axis not in ``MESH_AXES``, a size < 1 or a batch not divisible by ``ep``."""
+def check_mesh(mesh: Mapping[str, int], batch: int, runner: str = "torch", cfg: MoEConfig | None = None) -> None:
+    """``ValueError`` for an axis not in ``MESH_AXES``, a size < 1 or a batch not divisible by ``ep``;
+    with ``cfg`` also for sizes the sharded layers refuse: ``num_experts`` not divisible by ``ep``
+    (each ep rank owns ``num_experts / ep`` experts), ``hidden_dim`` or ``shared_hidden_dim`` (the
+    shared experts' total) not divisible by ``tp`` (each tp rank owns a slice of the hidden units)."""
     if not mesh:
         raise ValueError("mesh is empty; expected e.g. {'ep': 2}, {'tp': 2} or {'ep': 2, 'tp': 2}")
     for axis, size in mesh.items():
@@ -48,6 +99,17 @@ def check_mesh(mesh: Mapping[str, int], batch: int, runner: str = "torch") -> No
     ep = mesh.get("ep", 1)
     if batch % ep:
         raise ValueError(f"batch={batch} is not divisible by ep={ep}: each ep rank (shard) takes an equal batch shard")
+    if cfg is None:
+        return
+    tp = mesh.get("tp", 1)
+    if cfg.num_experts % ep:
+        raise ValueError(f"num_experts={cfg.num_experts} is not divisible by ep={ep}: each ep rank owns "
+                         f"num_experts / ep experts")
+    for name, value in (("hidden_dim", cfg.hidden_dim),
+                        ("shared_hidden_dim", cfg.shared_dim if cfg.num_shared_experts else 0)):
+        if value % tp:
+            raise ValueError(f"{name}={value} is not divisible by tp={tp}: each tp rank owns hidden_dim / tp "
+                             f"of every expert's hidden units")
 
 
 def write_job(path: str, job: MeshJob) -> None:

@@ -24,9 +24,11 @@ Mesh: ``{"ep": n}`` -> ``ExpertParallel``, ``{"tp": n}`` -> ``TensorParallel``, 
 -> ``ExpertTensorParallel`` on an (ep, tp) mesh. Ranks along ``ep`` take consecutive batch shards
 (``B % ep == 0`` required); ranks along ``tp`` take the same shard.
 
-Errors: ``ValueError`` for an unknown mesh axis, a size < 1, or a batch not divisible by ``ep`` (before any
+Errors: ``ValueError`` for an unknown mesh axis, a size < 1, a batch not divisible by ``ep``, or a config
+the mesh cannot shard (``parity.mesh_job.check_mesh``: ``num_experts % ep``, ``hidden_dim % tp``) (before any
 process starts); ``RuntimeError`` naming the rank and its exception when a rank fails (the other
-ranks are terminated); ``TimeoutError`` when the run exceeds ``timeout_s`` (all ranks terminated).
+ranks are terminated); ``TimeoutError`` when the ranks make no progress for ``timeout_s`` seconds
+(a hang; all ranks terminated; see ``spawn``).
 
 torch is imported lazily (inside the functions), so ``import parity.mesh_torch`` stays cheap.
 """
@@ -37,13 +39,23 @@ import json
 import math
 import os
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from parity.config import MoEConfig
-from parity.mesh_job import BUFFERS, MESH_AXES, MeshJob, check_mesh, unflatten_result, write_job
+from parity.mesh_job import (
+    BUFFERS,
+    MESH_AXES,
+    PROGRESS_ENV,
+    STALL_TIMEOUT_S,
+    MeshJob,
+    check_mesh,
+    report_progress,
+    unflatten_result,
+    wait_for,
+    write_job,
+)
 
 INIT_TIMEOUT_S = 60
 
@@ -72,6 +84,7 @@ def _child() -> None:
         store = dist.FileStore(os.path.join(folder, "store"), world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=float(timeout_s)))
+        report_progress(f"rank {rank}: process group up")
         fn(rank, world, *json.loads(args))
         dist.barrier()  # every rank is past its last collective
     except BaseException as exc:
@@ -87,15 +100,18 @@ def _child() -> None:
     os._exit(code)
 
 
-def spawn(fn: str, world: int, *args, timeout_s: float = 120.0, collective_timeout_s: float = INIT_TIMEOUT_S) -> None:
+def spawn(fn: str, world: int, *args, timeout_s: float = STALL_TIMEOUT_S,
+          collective_timeout_s: float = INIT_TIMEOUT_S) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` fresh Python processes joined by a gloo process group.
 
     ``fn`` is "package.module:function" (imported by each rank; no pickling, and the caller's
     ``__main__`` is never re-imported); ``args`` must be JSON-serialisable. The rendezvous is a
     ``FileStore`` in a temporary folder (no port). The first rank to fail ends the run: the others are
-    terminated and ``RuntimeError("rank R failed: <exception>\n<traceback>")`` is raised. Past
-    ``timeout_s`` seconds every rank is terminated and ``TimeoutError`` raised; every collective also
-    times out after ``collective_timeout_s`` (``init_process_group(timeout=...)``).
+    terminated and ``RuntimeError("rank R failed: <exception>\n<traceback>")`` is raised. After
+    ``timeout_s`` seconds *without progress* (no rank called ``parity.mesh_job.report_progress``; the
+    process group coming up counts) every rank is terminated and ``TimeoutError`` raised, so a hang
+    is caught and slowness is not; every collective also times out after ``collective_timeout_s``
+    (``init_process_group(timeout=...)``).
     """
     import subprocess
     import sys
@@ -103,30 +119,28 @@ def spawn(fn: str, world: int, *args, timeout_s: float = 120.0, collective_timeo
     with tempfile.TemporaryDirectory(prefix="moe_mesh_") as tmp:
         cmd = [sys.executable, "-c", "from parity.mesh_torch import _child; _child()", fn]
         env = dict(os.environ, OMP_NUM_THREADS="1")
+        env[PROGRESS_ENV] = os.path.join(tmp, "progress.log")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), *sys.path, env.get("PYTHONPATH", "")) if p)
         logs = [open(os.path.join(tmp, f"rank{r}.log"), "wb") for r in range(world)]
         procs = [subprocess.Popen([*cmd, str(r), str(world), tmp, str(collective_timeout_s), json.dumps(args)],
                                   env=env, stdout=subprocess.DEVNULL, stderr=logs[r])
                  for r in range(world)]
-        deadline = time.monotonic() + timeout_s
+
+        def finished(codes) -> bool:
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                r = min(failed, key=lambda r: os.path.getmtime(os.path.join(tmp, f"rank{r}.err"))
+                        if os.path.exists(os.path.join(tmp, f"rank{r}.err")) else float("inf"))
+                err = os.path.join(tmp, f"rank{r}.err")
+                if not os.path.exists(err):
+                    err = os.path.join(tmp, f"rank{r}.log")
+                with open(err, errors="replace") as f:
+                    text = f.read()[-4000:]
+                raise RuntimeError(f"rank {r} of {world} failed (exit code {codes[r]}): {text}")
+            return all(c == 0 for c in codes)
+
         try:
-            while True:
-                codes = [p.poll() for p in procs]
-                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-                if failed:
-                    r = min(failed, key=lambda r: os.path.getmtime(os.path.join(tmp, f"rank{r}.err"))
-                            if os.path.exists(os.path.join(tmp, f"rank{r}.err")) else float("inf"))
-                    err = os.path.join(tmp, f"rank{r}.err")
-                    if not os.path.exists(err):
-                        err = os.path.join(tmp, f"rank{r}.log")
-                    with open(err, errors="replace") as f:
-                        text = f.read()[-4000:]
-                    raise RuntimeError(f"rank {r} of {world} failed (exit code {codes[r]}): {text}")
-                if all(c == 0 for c in codes):
-                    return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world}-process run exceeded timeout_s={timeout_s}; all ranks terminated")
-                time.sleep(0.05)
+            wait_for(procs, env[PROGRESS_ENV], timeout_s, f"{world}-process run of {fn}", finished)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -136,7 +150,7 @@ def spawn(fn: str, world: int, *args, timeout_s: float = 120.0, collective_timeo
                 f.close()
 
 
-def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dict]:
+def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = STALL_TIMEOUT_S) -> list[dict]:
     """Run several jobs in one spawned world (start-up paid once); every job's mesh must have the same size.
 
     Returns one result dict per job (the layout of ``run_torch_mesh``). Raises as ``run_torch_mesh``.
@@ -145,7 +159,7 @@ def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dic
         return []
     worlds = {math.prod(j.mesh.values()) for j in jobs}
     for j in jobs:
-        check_mesh(j.mesh, np.shape(j.x)[0])
+        check_mesh(j.mesh, np.shape(j.x)[0], cfg=j.cfg)
     if len(worlds) != 1:
         raise ValueError(f"jobs need different world sizes {sorted(worlds)}; run them separately")
     with tempfile.TemporaryDirectory(prefix="moe_mesh_jobs_") as tmp:
@@ -159,7 +173,7 @@ def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = 300.0) -> list[dic
 def run_torch_mesh(cfg: MoEConfig, weights: Mapping[str, np.ndarray], x: np.ndarray, cotangent: np.ndarray,
                    mesh: Mapping[str, int], steps: int = 3, lr: float = 1e-3, dtype: str = "float32", *,
                    xs: Sequence[np.ndarray] | None = None, selected_experts: np.ndarray | None = None,
-                   timeout_s: float = 300.0) -> dict:
+                   timeout_s: float = STALL_TIMEOUT_S) -> dict:
     """The sharded layer's forward, gradients and bias steps (module docstring for keys and errors).
 
     Args: ``cfg``; ``weights`` canonical (``expert_bias`` / ``tokens_per_expert`` optional, default 0);
@@ -191,6 +205,7 @@ def run_jobs_on_rank(rank: int, world: int, folder: str, count: int) -> None:
     """Rank side of ``run_mesh_jobs``: run ``folder/job{i}`` for i < count, writing ``job{i}.rank{rank}.*``."""
     for i in range(count):
         _run_job(rank, os.path.join(folder, f"job{i}"))
+        report_progress(f"rank {rank}: job {i + 1}/{count} done")
 
 
 def build_sharded_moe(cfg: MoEConfig, weights: Mapping[str, np.ndarray], dtype: str, device_mesh, train: bool):
@@ -289,6 +304,7 @@ def _run_job(rank: int, path: str) -> None:
     for name, p in moe.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         put(f"grad/{name}", g.full_tensor() if isinstance(g, DTensor) else g)
+    report_progress(f"rank {rank}: {os.path.basename(path)} forward + gradients")
 
     # bias steps (training mode, a fresh module as the torch backend's bias_steps)
     moe = build_sharded_moe(cfg, weights, dtype, dm, train=True)
@@ -299,6 +315,7 @@ def _run_job(rank: int, path: str) -> None:
             put(f"bias/{i}/selected_experts", gather(aux["selected_experts"]))
             update_expert_bias(moe, meta["lr"], group=group)
             put(f"bias/{i}/expert_bias", moe.expert_bias)
+        report_progress(f"rank {rank}: {os.path.basename(path)} bias step {i + 1}")
     np.savez(f"{path}.rank{rank}.npz", **out_arrays)
     with open(f"{path}.rank{rank}.json", "w") as f:
         json.dump(dtypes, f)

@@ -14,6 +14,15 @@ Pass/fail follows ``numpy.allclose`` with a scale: an element passes when
 ``|a - e| <= atol * scale + rtol * |e|`` where ``scale = max(1, max|e|)`` (so a gradient whose entries
 are of order 100 is not held to an absolute error meant for O(1) outputs). ``tol_ratio`` is the largest
 ``|a - e| / (atol * scale + rtol * |e|)``: below 1 passes, and it orders checks from worst to best.
+Tolerances must be finite numbers >= 0 (``check_tolerance``): a negative one would pass everything.
+
+Non-finite values (NaN, +Inf, -Inf) are never numbers to subtract: the errors above are measured on
+the elements finite in both arrays, and the non-finite ones are counted apart (``Metrics.nonfinite``:
+NaN/Inf in ``actual`` where ``expected`` is finite; ``Metrics.mask_mismatch``: ``expected`` NaN/Inf
+where ``actual`` is not the same NaN/+Inf/-Inf). Either count fails a comparison. By default a NaN/Inf
+in both at the same place fails too (``Metrics.nonfinite_matched``: NaN against NaN is no evidence of
+agreement); with ``allow_nonfinite=True`` (for studying how NaN spreads) the NaN/Inf positions are
+compared as masks and only a mismatch fails.
 """
 
 from __future__ import annotations
@@ -146,17 +155,65 @@ class Metrics:
     atol: float
     rtol: float
     passed: bool
+    nonfinite: int = 0
+    mask_mismatch: int = 0
+    nonfinite_matched: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def nonfinite_reason(self, against: str = "the expected answer", allow_nonfinite: bool = False) -> str:
+        """Why the non-finite counts fail this comparison, one clause each ("" when they do not)."""
+        parts = []
+        if self.nonfinite:
+            parts.append(f"{self.nonfinite} NaN/Inf element(s) where {against} is finite")
+        if self.mask_mismatch:
+            parts.append(f"{self.mask_mismatch} element(s) where {against} is NaN/Inf and this is not the same")
+        if self.nonfinite_matched and not allow_nonfinite:
+            parts.append(f"{self.nonfinite_matched} NaN/Inf element(s) in both (non-finite values are "
+                         f"compared only with allow_nonfinite / --allow-nonfinite)")
+        return "; ".join(parts)
+
+
+def check_tolerance(name: str, value) -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` unless it is a finite number >= 0.
+
+    A negative or NaN tolerance would make every comparison pass (``err <= negative`` is never
+    checked as intended; ``err / NaN`` compares false), so it is refused rather than clipped.
+    """
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number >= 0") from None
+    if isinstance(value, bool) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return v
+
+
+def check_overrides(overrides: dict | None) -> None:
+    """``ValueError`` unless ``overrides`` maps "*" or a dtype of ``DTYPES`` to ``{"rtol"?, "atol"?}``
+    holding finite numbers >= 0 (see ``tolerance``)."""
+    if not overrides:
+        return
+    if not isinstance(overrides, dict):
+        raise ValueError(f"tolerances={overrides!r} must be a dict {{'*' | dtype: {{'rtol': .., 'atol': ..}}}}")
+    for key, tol in overrides.items():
+        if key != "*" and key not in DTYPES:
+            raise ValueError(f"tolerances key {key!r} is not '*' or one of {DTYPES}")
+        if not isinstance(tol, dict) or not set(tol) <= {"rtol", "atol"}:
+            raise ValueError(f"tolerances[{key!r}]={tol!r} must be a dict with keys 'rtol' and/or 'atol'")
+        for name, value in tol.items():
+            check_tolerance(f"tolerances[{key!r}][{name!r}]", value)
 
 
 def tolerance(dtype: str, kind: str = "forward", overrides: dict | None = None) -> dict[str, float]:
     """``{"rtol", "atol"}`` for a compared dtype and kind ("forward" | "grad" | "exact").
 
     ``overrides`` maps a dtype (or "*" for every dtype) to ``{"rtol": ..., "atol": ...}`` (either key).
+    Raises ``ValueError`` for an unknown dtype or kind, or an override that is not a finite number >= 0.
     """
     _check_dtype(dtype)
+    check_overrides(overrides)
     if kind == "exact":
         return {"rtol": 0.0, "atol": 0.0}
     if kind not in DEFAULT_TOLERANCES:
@@ -173,38 +230,68 @@ def errors(actual, expected) -> np.ndarray:
     return np.abs(np.asarray(actual, dtype=np.float64) - np.asarray(expected, dtype=np.float64))
 
 
-def compare(actual, expected, dtype: str, *, rtol: float, atol: float) -> Metrics:
+def _nonfinite_class(x: np.ndarray) -> np.ndarray:
+    """0 finite, 1 NaN, 2 +Inf, 3 -Inf (elementwise, int8)."""
+    return np.select([np.isnan(x), np.isposinf(x), np.isneginf(x)], [1, 2, 3], 0).astype(np.int8)
+
+
+def compare(actual, expected, dtype: str, *, rtol: float, atol: float, allow_nonfinite: bool = False) -> Metrics:
     """Compare two arrays of equal shape; see the module docstring for the pass rule.
 
-    Raises ``ValueError`` when the shapes differ. Empty arrays pass with zero errors.
+    The error figures are measured on the elements finite in both; NaN/Inf elements are counted in
+    ``nonfinite`` / ``mask_mismatch`` / ``nonfinite_matched`` (module docstring) and, when any fails
+    the comparison, ``tol_ratio`` is inf and ``worst_index`` the first such element. Raises
+    ``ValueError`` when the shapes differ or ``rtol`` / ``atol`` is not a finite number >= 0.
+    Empty arrays pass with zero errors.
     """
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:
         raise ValueError(f"cannot compare arrays of shapes {a.shape} and {e.shape}")
     if a.size == 0:
         return Metrics(0, 0.0, 0.0, 0, 0.0, 0.0, 1.0, 0.0, 0, atol, rtol, True)
-    err = np.abs(a - e)
-    err = np.where(np.isnan(err), np.inf, err)
-    err = np.where(np.isnan(a) & np.isnan(e), 0.0, err)
-    scale = max(1.0, float(np.nanmax(np.abs(e))) if np.isfinite(e).any() else 1.0)
-    allowed = atol * scale + rtol * np.abs(e)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(err == 0, 0.0, err / allowed)
-        rel = err / np.maximum(np.abs(e), max(atol, np.finfo(np.float64).tiny))
-    ulp = ulp_distance(a, e, dtype)
-    worst = int(np.argmax(ratio))
+    ca, ce = _nonfinite_class(a).ravel(), _nonfinite_class(e).ravel()
+    bad_actual = (ca != 0) & (ce == 0)
+    mismatch = (ce != 0) & (ca != ce)
+    matched = (ce != 0) & (ca == ce)
+    nonfinite_fail = bool(bad_actual.any() or mismatch.any() or (matched.any() and not allow_nonfinite))
+    finite = (ca == 0) & (ce == 0)
+    af, ef = a.ravel()[finite], e.ravel()[finite]
+    if af.size:
+        err = np.abs(af - ef)
+        emax = float(np.abs(ef).max())
+        scale = max(1.0, emax)
+        allowed = atol * scale + rtol * np.abs(ef)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(err == 0, 0.0, err / allowed)
+            rel = err / np.maximum(np.abs(ef), max(atol, np.finfo(np.float64).tiny))
+        ulp = ulp_distance(af, ef, dtype)
+        max_abs, max_rel, max_ulp, mean_ulp = float(err.max()), float(rel.max()), int(ulp.max()), float(
+            ulp.astype(np.float64).mean())
+        ulp_at_scale, cosine, tol_ratio = float(err.max() / ulp_of(emax, dtype)), cosine_similarity(af, ef), float(
+            ratio.max())
+        worst = int(np.flatnonzero(finite)[int(np.argmax(ratio))])
+    else:  # nothing finite to measure: the figures are undefined, not zero
+        max_abs = max_rel = ulp_at_scale = cosine = tol_ratio = math.nan
+        max_ulp, mean_ulp, worst = 0, math.nan, 0
+    if nonfinite_fail:
+        tol_ratio = math.inf
+        worst = int(np.flatnonzero(bad_actual | mismatch | matched)[0])
     return Metrics(
         numel=int(a.size),
-        max_abs=float(err.max()),
-        max_rel=float(rel.max()),
-        max_ulp=int(ulp.max()),
-        mean_ulp=float(ulp.astype(np.float64).mean()),
-        ulp_at_scale=float(err.max() / ulp_of(float(np.nanmax(np.abs(e))) if np.isfinite(e).any() else 1.0, dtype)),
-        cosine=cosine_similarity(a, e),
-        tol_ratio=float(ratio.max()),
+        max_abs=max_abs,
+        max_rel=max_rel,
+        max_ulp=max_ulp,
+        mean_ulp=mean_ulp,
+        ulp_at_scale=ulp_at_scale,
+        cosine=cosine,
+        tol_ratio=tol_ratio,
         worst_index=worst,
         atol=float(atol),
         rtol=float(rtol),
-        passed=bool(ratio.max() <= 1.0),
+        passed=not nonfinite_fail and not tol_ratio > 1.0,
+        nonfinite=int(bad_actual.sum()),
+        mask_mismatch=int(mismatch.sum()),
+        nonfinite_matched=int(matched.sum()),
     )

@@ -57,7 +57,8 @@ def plot_error_histograms(report_or_series, kinds=("forward", "grad"), against: 
     """One panel per tensor: histogram of log10 |error| per (backend, against) pair.
 
     ``report_or_series``: a ``Report`` from ``run_parity`` (its in-memory errors; a report read back
-    from JSON has none) or a mapping tensor -> {label: errors}. Exact zeros are drawn at 1e-20.
+    from JSON has none) or a mapping tensor -> {label: errors}. Exact zeros are drawn at 1e-20;
+    NaN/Inf errors are left out.
     """
     series = report_or_series if isinstance(report_or_series, Mapping) else error_series(
         report_or_series, kinds, against)
@@ -65,7 +66,9 @@ def plot_error_histograms(report_or_series, kinds=("forward", "grad"), against: 
         raise ValueError("no elementwise errors to plot (a report read from JSON keeps only summaries)")
     fig, axes = _figure(len(series), ncols)
     for ax, (tensor, by_label) in zip(axes, sorted(series.items()), strict=False):
-        logs = {lab: np.log10(np.maximum(np.asarray(e, np.float64), 1e-20)) for lab, e in by_label.items()}
+        # NaN/Inf errors are no magnitude to bin (the report counts them in each row's ``nonfinite``)
+        logs = {lab: np.log10(np.maximum(np.asarray(e, np.float64)[np.isfinite(e)], 1e-20))
+                for lab, e in by_label.items()}
         lo = min(v.min() for v in logs.values() if v.size) if any(v.size for v in logs.values()) else -20
         hi = max(v.max() for v in logs.values() if v.size) if any(v.size for v in logs.values()) else 0
         edges = np.linspace(lo - 0.5, hi + 0.5, bins + 1)

@@ -5,7 +5,8 @@ scaling, shared experts, balancing) exactly as its Hugging Face ``config.json`` 
 the *sizes* (model dim, expert hidden dim, sometimes the number of experts) down so that a parity run
 takes seconds on a CPU. ``Preset.scaling`` says what was changed. The real models apply the routing
 weights after the experts (``score_before_experts=False``); the "default" preset keeps the original
-PyTorch module's defaults (``MoEConfig()``: sigmoid, top-1, weights applied before the experts).
+PyTorch module's defaults (sigmoid, top-1, weights applied before the experts, the expert bias in
+its "scale_first" order: what ``moe_torch.MoE(64, 128, 8)`` builds, the kernel aside).
 
 Sources (``config.json`` of the named Hugging Face repositories):
 
@@ -57,10 +58,11 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "default",
-            MoEConfig(),
-            "the original PyTorch module's defaults (torchtitan-style MoE)",
-            "none: MoEConfig() as is (dim 64, hidden 128, 8 experts)",
-            "sigmoid scores, top-1, routing weight applied to the expert input",
+            MoEConfig(use_expert_bias=True, route_order="scale_first"),
+            "the original PyTorch module's defaults: what moe_torch.MoE(64, 128, 8) builds",
+            "none: MoEConfig's sizes (dim 64, hidden 128, 8 experts)",
+            "sigmoid scores, top-1, routing weight applied to the expert input; the expert bias "
+            "steers selection (use_expert_bias=True) in the original's order (route_order='scale_first')",
         ),
         Preset(
             "mixtral-8x7b",

@@ -76,6 +76,34 @@ def group_limited_mask(sel: np.ndarray, num_groups: int, num_limited_groups: int
     return np.repeat(group_mask, e // num_groups, axis=-1)
 
 
+def selection_scores(cfg: MoEConfig, scores: np.ndarray, expert_bias: np.ndarray | None) -> np.ndarray:
+    """Steps (2)-(3): what top-k selects on, ``[N, E]``: the expert bias added (when ``use_expert_bias``
+    and a bias is given) and the dropped groups at -inf, in ``cfg.route_order``.
+
+    - "bias_first" (DeepSeek-V3, torchtitan): ``sel = scores + bias``; the group scores
+      are taken from ``sel`` (bias included).
+    - "scale_first" (the original PyTorch module): ``scaled = scores * route_scale``; the group scores
+      are taken from ``scaled`` (no bias); ``sel = scaled + bias``.
+
+    In exact arithmetic the two select alike without a bias, or with ``route_scale == 1`` and no
+    groups; the routing weights (step 5) do not depend on the order.
+    """
+    bias = _f64(expert_bias) if (cfg.use_expert_bias and expert_bias is not None) else None
+    if cfg.route_order == "scale_first":
+        # (2) scaled, unbiased scores pick the groups; the bias is added for selection only
+        group_src = scores * cfg.route_scale
+        sel = group_src + bias if bias is not None else group_src.copy()
+    else:
+        # (2) expert bias steers selection only, the groups included
+        sel = scores + bias if bias is not None else scores.copy()
+        group_src = sel
+    # (3) group-limited routing
+    if cfg.num_expert_groups is not None:
+        keep = group_limited_mask(group_src, cfg.num_expert_groups, cfg.num_limited_groups, cfg.group_score)
+        sel = np.where(keep, sel, -np.inf)
+    return sel
+
+
 def route(x: np.ndarray, gate: np.ndarray, cfg: MoEConfig, expert_bias: np.ndarray | None = None) -> dict:
     """Steps 1-6 of DESIGN.md for tokens ``x [N, D]`` and router weight ``gate [E, D]``.
 
@@ -86,12 +114,8 @@ def route(x: np.ndarray, gate: np.ndarray, cfg: MoEConfig, expert_bias: np.ndarr
     # (1) float32-or-wider router logits and scores
     logits = _f64(x) @ _f64(gate).T
     scores = softmax(logits) if cfg.score_func == "softmax" else sigmoid(logits)
-    # (2) expert bias steers selection only
-    sel = scores + _f64(expert_bias) if (cfg.use_expert_bias and expert_bias is not None) else scores.copy()
-    # (3) group-limited routing
-    if cfg.num_expert_groups is not None:
-        keep = group_limited_mask(sel, cfg.num_expert_groups, cfg.num_limited_groups, cfg.group_score)
-        sel = np.where(keep, sel, -np.inf)
+    # (2)-(3) selection scores: expert bias (selection only) and group-limited routing
+    sel = selection_scores(cfg, scores, expert_bias)
     # (4) top-k, ties to the lower expert index
     idx = topk_lower_index(sel, cfg.top_k)
     # (5) unbiased routing weights

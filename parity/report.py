@@ -7,17 +7,23 @@
   ``warned``, ``skipped``, ``backends_ran`` (list of names), ``worst`` (id of the worst check).
 - ``settings``: ``preset``, ``config`` (every MoEConfig field), ``dtype``, ``batch``, ``seq_len``,
   ``seed``, ``steps``, ``bias_lr``, ``lock_routing``, ``tie_tol``, ``tolerances``
-  (kind -> dtype -> {rtol, atol}, overrides applied), ``weights`` (file path or the init recipe), ``grads``.
+  (kind -> dtype -> {rtol, atol}, overrides applied), ``weights`` (file path or the init recipe), ``grads``,
+  ``allow_nonfinite``.
 - ``environment``: python, platform, numpy and (when imported) torch, jax, flax versions.
 - ``backends``: list of ``{name, status: "ran" | "skipped", reason}``.
 - ``checks``: list, worst first, of ``{id, kind, tensor, backend, against, dtype, status, numel,
   max_abs, max_rel, max_ulp, mean_ulp, ulp_at_scale, cosine, tol_ratio, worst_index, atol, rtol, masked_tokens,
-  note, traceback}``. ``kind``: "forward" | "grad" | "bias" | "routing" | "backend" | "error";
+  nonfinite, note, traceback}``. ``kind``: "forward" | "grad" | "bias" | "routing" | "backend" | "error";
   ``status``: "PASS" | "FAIL" | "WARN" | "SKIP"; ``against``: "reference" (float64 NumPy),
   "<backend>@float64" (that backend's own float64 run) or another backend; ``id`` is
   ``kind/tensor/backend~against`` and identifies a row across runs (``moe-parity compare``);
   ``max_rel`` = max ``|a - e| / max(|e|, atol)``; ``tol_ratio`` >= 1 means outside tolerance
   (see ``parity.metrics``); for "routing" rows ``max_abs`` is the number of diverged tokens.
+  ``nonfinite``: elements whose NaN/Inf pattern fails the row (NaN/Inf where the expected answer is
+  finite, a NaN/Inf of the expected answer not matched, or, without ``allow_nonfinite``, NaN/Inf in
+  both); such a row is a FAIL whatever its error figures (which cover the elements finite in both;
+  "nan" when there are none), ``tol_ratio`` is "inf" and the note starts with the reason.
+- ``notes``: list of one-line facts about the inputs, e.g. weights converted from another float dtype.
 - ``routing``: list of ``{backend, against, count, tokens, margins, backend_experts,
   against_experts, order_only, status, tie_tol, num_tokens}``.
 - ``expert_load``: backend (and "reference") -> tokens per expert of the forward.
@@ -67,6 +73,7 @@ class Check:
     atol: float | None = None
     rtol: float | None = None
     masked_tokens: int = 0
+    nonfinite: int = 0
     note: str = ""
     traceback: str = ""
 
@@ -140,6 +147,8 @@ class Report:
     routing: list[RoutingFinding] = field(default_factory=list)
     expert_load: dict[str, list[float]] = field(default_factory=dict)
     bias_trajectory: dict[str, list[list[float]]] = field(default_factory=dict)
+    #: one-line facts about the inputs (e.g. "weights converted to the run's dtype float32 ...: experts.w1 from float64")
+    notes: list[str] = field(default_factory=list)
     #: check id -> elementwise absolute errors (in memory only; for the histograms)
     errors: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -191,7 +200,7 @@ class Report:
             "environment": self.environment, "backends": self.backends,
             "checks": [asdict(c) for c in sorted(self.checks, key=Check.sort_key)],
             "routing": [asdict(r) for r in self.routing], "expert_load": self.expert_load,
-            "bias_trajectory": self.bias_trajectory,
+            "bias_trajectory": self.bias_trajectory, "notes": self.notes,
         })
 
     def to_json(self, indent: int = 2) -> str:
@@ -213,7 +222,8 @@ class Report:
                    backends=data.get("backends", []), checks=checks,
                    routing=[RoutingFinding(**{**r, "margins": [num(m) for m in r["margins"]]})
                             for r in data.get("routing", [])],
-                   expert_load=data.get("expert_load", {}), bias_trajectory=data.get("bias_trajectory", {}))
+                   expert_load=data.get("expert_load", {}), bias_trajectory=data.get("bias_trajectory", {}),
+                   notes=data.get("notes", []))
 
     @classmethod
     def load(cls, path) -> Report:
@@ -230,7 +240,8 @@ class Report:
                   f"- weights: {s.get('weights')}",
                   f"- checks: {summ['passed']} passed, {summ['failed']} failed, {summ['warned']} warned, "
                   f"{summ['skipped']} skipped",
-                  "- environment: " + ", ".join(f"{k} {v}" for k, v in self.environment.items()), ""]
+                  "- environment: " + ", ".join(f"{k} {v}" for k, v in self.environment.items())]
+        lines += [f"- note: {n}" for n in self.notes] + [""]
         lines += ["## Backends", "", "| backend | status | reason |", "|---|---|---|"]
         lines += [f"| {b['name']} | {b['status']} | {b['reason']} |" for b in self.backends]
         lines += ["", "## Routing", ""]

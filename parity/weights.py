@@ -12,9 +12,54 @@ import numpy as np
 
 from parity.config import MoEConfig
 
+#: dtypes a canonical weights file may store; anything else (integers, bool, float8 ...) is refused
+FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
 
 class WeightsError(ValueError):
-    """Weights that do not match a config, or a file that cannot be read as safetensors."""
+    """Weights that do not match a config, a file that cannot be read as safetensors, a tensor of a
+    dtype outside ``FLOAT_DTYPES``, or NaN/Inf values that were not allowed."""
+
+
+def dtype_name(value) -> str:
+    """The NumPy dtype name of an array-like ("float32", "bfloat16" via ml_dtypes, "int32" ...)."""
+    return str(np.asarray(value).dtype)
+
+
+def check_float_dtypes(mapping: Mapping[str, object], what: str = "weights") -> None:
+    """Raise ``WeightsError`` naming every tensor whose dtype is not in ``FLOAT_DTYPES``.
+
+    Integer and bool tensors are never read as floats: a weights file of int32 values is a mistake,
+    not a layer.
+    """
+    bad = [f"{k!r} is {dtype_name(v)}" for k, v in mapping.items() if dtype_name(v) not in FLOAT_DTYPES]
+    if bad:
+        raise WeightsError(f"{what} must be floating point ({', '.join(FLOAT_DTYPES)}): {'; '.join(bad)}")
+
+
+def nonfinite_counts(mapping: Mapping[str, object]) -> dict[str, dict[str, int]]:
+    """name -> {"NaN": n, "+Inf": n, "-Inf": n} (non-zero counts only) of every tensor holding NaN/Inf."""
+    out = {}
+    for k, v in mapping.items():
+        a = np.asarray(v).astype(np.float64)  # bfloat16 (ml_dtypes) and float16 included
+        counts = {"NaN": int(np.isnan(a).sum()), "+Inf": int(np.isposinf(a).sum()), "-Inf": int(np.isneginf(a).sum())}
+        counts = {kind: n for kind, n in counts.items() if n}
+        if counts:
+            out[k] = counts
+    return out
+
+
+def check_finite(mapping: Mapping[str, object], what: str = "weights") -> None:
+    """Raise ``WeightsError`` (one line) naming every tensor holding NaN/Inf and how many of each.
+
+    The harness compares NaN/Inf only when asked (``allow_nonfinite`` / ``--allow-nonfinite``): a NaN
+    weight otherwise makes both sides NaN, which is no evidence that they agree.
+    """
+    bad = nonfinite_counts(mapping)
+    if bad:
+        listed = "; ".join(f"{k!r}: " + ", ".join(f"{n} {kind}" for kind, n in c.items()) for k, c in bad.items())
+        raise WeightsError(f"{what} hold non-finite values ({listed}); pass --allow-nonfinite "
+                           f"(allow_nonfinite=True) to compare NaN/Inf positions as masks")
 
 
 def canonical_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
@@ -86,14 +131,19 @@ def save_weights(path: str | os.PathLike, mapping: Mapping[str, np.ndarray], met
     save_file({k: np.ascontiguousarray(v) for k, v in mapping.items()}, os.fspath(path), metadata=metadata)
 
 
-def load_weights(path: str | os.PathLike, cfg: MoEConfig | None = None) -> dict[str, np.ndarray]:
-    """Read a safetensors file into NumPy arrays (bfloat16 via ``ml_dtypes`` when present).
+def load_weights(path: str | os.PathLike, cfg: MoEConfig | None = None, *,
+                 allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
+    """Read a safetensors file into NumPy arrays (bfloat16 via ``ml_dtypes`` when present), as stored.
 
-    Raises ``WeightsError`` for a missing or corrupt file, or (with ``cfg``) weights that do not match.
+    Raises ``WeightsError`` for a missing path, a directory, a corrupt file, a tensor whose dtype is
+    not in ``FLOAT_DTYPES``, NaN/Inf values (each tensor and count named; unless ``allow_nonfinite``)
+    or (with ``cfg``) weights that do not match the config.
     """
     from safetensors import safe_open
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise WeightsError(f"weights file {path!r} is a directory; expected a .safetensors file")
     if not os.path.isfile(path):
         raise WeightsError(f"weights file {path!r} does not exist")
     try:
@@ -101,6 +151,9 @@ def load_weights(path: str | os.PathLike, cfg: MoEConfig | None = None) -> dict[
             mapping = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of corruption
         raise WeightsError(f"cannot read weights file {path!r} as safetensors: {exc}") from exc
+    check_float_dtypes(mapping, f"tensors of {path!r}")
+    if not allow_nonfinite:
+        check_finite(mapping, f"tensors of {path!r}")
     if cfg is not None:
         check_weights(mapping, cfg, optional=("expert_bias", "tokens_per_expert"))
     return mapping

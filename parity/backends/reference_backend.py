@@ -21,13 +21,9 @@ from parity.metrics import round_to
 
 
 def selection_scores(cfg: MoEConfig, scores: np.ndarray, expert_bias: np.ndarray | None) -> np.ndarray:
-    """Steps (2)-(3): the scores top-k selects on (bias added, dropped groups at -inf). [N,E] float64."""
-    sel = scores + np.asarray(expert_bias, np.float64) if (cfg.use_expert_bias and expert_bias is not None) \
-        else scores.copy()
-    if cfg.num_expert_groups is not None:
-        keep = ref.group_limited_mask(sel, cfg.num_expert_groups, cfg.num_limited_groups, cfg.group_score)
-        sel = np.where(keep, sel, -np.inf)
-    return sel
+    """Steps (2)-(3): the scores top-k selects on (bias added, dropped groups at -inf, in
+    ``cfg.route_order``: ``parity.reference.selection_scores``). [N,E] float64."""
+    return ref.selection_scores(cfg, scores, expert_bias)
 
 
 def selection_margins(cfg: MoEConfig, scores: np.ndarray, expert_bias: np.ndarray | None) -> np.ndarray:
@@ -38,6 +34,8 @@ def selection_margins(cfg: MoEConfig, scores: np.ndarray, expert_bias: np.ndarra
     """
     sel = scores + np.asarray(expert_bias, np.float64) if (cfg.use_expert_bias and expert_bias is not None) \
         else scores.copy()
+    if cfg.route_order == "scale_first":  # the groups are chosen on the scaled, unbiased scores
+        sel = scores * cfg.route_scale
     margins = np.full(sel.shape[0], np.inf)
     if cfg.num_expert_groups is not None:
         n, e = sel.shape

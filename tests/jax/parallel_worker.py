@@ -61,3 +61,12 @@ def jobs_then_checks(folder: str, count: int) -> None:
 
 def stall(folder: str) -> None:
     time.sleep(120)
+
+
+def slow_with_progress(folder: str, steps: int, pause_s: float) -> None:
+    """Slow but alive: ``steps`` pauses of ``pause_s`` seconds, reporting progress after each."""
+    from parity.mesh_job import report_progress
+
+    for i in range(steps):
+        time.sleep(pause_s)
+        report_progress(f"slow step {i + 1}/{steps}")

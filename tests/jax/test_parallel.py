@@ -20,8 +20,9 @@ import pytest
 
 from parity.backends.jax_backend import JaxRunner
 from parity.mesh_jax import read_result, run_jax_mesh, run_worker
-from parity.mesh_job import MeshJob, write_job
+from parity.mesh_job import STALL_TIMEOUT_S, MeshJob, write_job
 from tests.cases import HOT, STEPS, TOLERANCES, make_job
+from tests.setup_once import SetupOnce
 
 pytestmark = pytest.mark.distributed
 
@@ -35,22 +36,30 @@ JOBS = {
 }
 
 
-@pytest.fixture(scope="module")
-def world():
+def start_world():
     """(sharded results by job, error checks, single-device results by job); the single-device runs
-    happen here while the worker runs."""
+    happen here while the worker runs. The worker reports progress after each job, and only
+    ``STALL_TIMEOUT_S`` seconds without progress end it (a hang), however loaded the machine is."""
     with tempfile.TemporaryDirectory(prefix="moe_test_jax_parallel_") as tmp:
         for i, job in enumerate(JOBS.values()):
             write_job(os.path.join(tmp, f"job{i}"), job)
         with ThreadPoolExecutor(1) as pool:
             worker = pool.submit(run_worker, "tests.jax.parallel_worker:jobs_then_checks", tmp, len(JOBS),
-                                 devices=4, timeout_s=300)
+                                 devices=4, timeout_s=STALL_TIMEOUT_S)
             single = {name: single_device(job) for name, job in JOBS.items()}
             worker.result()
         results = {name: read_result(os.path.join(tmp, f"job{i}")) for i, name in enumerate(JOBS)}
         with open(os.path.join(tmp, "checks.json")) as f:
             checks = json.load(f)
     return results, checks, single
+
+
+WORLD = SetupOnce("the 4-device JAX worker of tests/jax/test_parallel.py", start_world)
+
+
+@pytest.fixture
+def world(request):
+    return WORLD.get(request)
 
 
 def single_device(job: MeshJob) -> dict:
@@ -124,8 +133,14 @@ def test_failing_worker_ends_run_with_its_error():
 
 
 def test_stalled_worker_is_killed_at_timeout():
-    with tempfile.TemporaryDirectory() as tmp, pytest.raises(TimeoutError, match="timeout_s=3"):
+    with tempfile.TemporaryDirectory() as tmp, pytest.raises(TimeoutError, match="no progress for timeout_s=3"):
         run_worker("tests.jax.parallel_worker:stall", tmp, devices=2, timeout_s=3)
+
+
+def test_slow_worker_that_reports_progress_is_not_killed():
+    # 8 steps of 0.75 s = 6 s in all, twice the bound: the old fixed timeout killed it at 3 s
+    with tempfile.TemporaryDirectory() as tmp:
+        run_worker("tests.jax.parallel_worker:slow_with_progress", tmp, 8, 0.75, devices=1, timeout_s=3)
 
 
 @pytest.mark.parametrize("mesh, batch, match", [

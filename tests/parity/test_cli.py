@@ -44,14 +44,17 @@ def test_run_end_to_end_writes_reports(tmp_path, capsys):
 
 
 def test_failure_exit_code_is_1(tmp_path, capsys):
-    # weights that make the fake backend disagree are not a usage error: the run fails (exit 1)
+    # NaN weights are refused (exit 2, each key and count named); NaN against NaN used to PASS (exit 0)
     w = init_weights(get_preset("default").config, 0)
     w["experts.w1"] = np.full_like(w["experts.w1"], np.nan)
     path = tmp_path / "nan.safetensors"
     save_weights(path, w)
-    code, out, _ = run(capsys, "run", "--weights", str(path), "--backends", "reference", "--quiet",
-                       "--no-grads", "--steps", "0")
-    assert code == 0  # NaN in both the reference and the fake backend agree (NaN == NaN)
+    argv = ("run", "--weights", str(path), "--backends", "reference", "--quiet", "--no-grads", "--steps", "0")
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and "'experts.w1': 65536 NaN" in err and len(err.strip().splitlines()) == 1
+    # opted in: NaN positions are compared as masks, and the fake backend's agree with the reference's
+    code, out, err = run(capsys, *argv, "--allow-nonfinite", "--json")
+    assert code == 0 and json.loads(out)["settings"]["allow_nonfinite"] is True
     # zero tolerance: float32 rounding alone fails the torch-vs-reference checks
     code, out, _ = run(capsys, "run", "--backends", "torch:cpu", "--quiet", "--no-grads", "--steps", "0",
                        "--rtol", "0", "--atol", "0")
@@ -148,3 +151,94 @@ def test_console_script_and_cheap_import():
     res = subprocess.run([sys.executable, "-m", "parity.cli", "run", "--preset", "nope"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "unknown preset" in res.stderr
+
+
+# ------------------------------------------------------------------ issue 12: the CLI fails early
+RUN = ["run", "--backends", "reference", "--quiet", "--no-grads", "--steps", "0"]
+
+
+def _malformed() -> list[tuple[list[str], str]]:
+    """(argv, text the one error line must hold): every bad value of every checked flag.
+
+    ``{tmp}`` is replaced by a temporary folder holding ``file.txt``, ``nan.safetensors`` (one NaN),
+    ``int.safetensors`` (int32 tensors).
+    """
+    cases = []
+    for flag in ("--rtol", "--atol", "--tie-tol"):
+        for value in ("-1", "-1e-9", "nan", "inf", "-inf", "1e400", "abc"):
+            cases.append(([*RUN, flag, value], f"argument {flag}: {value!r}"))
+    for flag, values in (("--seed", ("-5", "1.5", "x")), ("--max-rows", ("-3", "two")), ("--batch", ("0", "-2")),
+                         ("--seq-len", ("0",)), ("--steps", ("-1",)), ("--layer", ("-1",)),
+                         ("--bias-lr", ("nan", "inf"))):
+        for value in values:
+            cases.append(([*RUN, flag, value], f"argument {flag}: {value!r}"))
+    for spec in ("float32=-1,-1", "float32=1,-1", "float32=nan,0", "float32=0,inf", "int8=1,1", "float32=1"):
+        cases.append(([*RUN, "--tol", spec], f"--tol {spec!r}"))
+    cases += [
+        ([*RUN, "--mesh", "ep=3", "--batch", "6"], "--mesh ep=3: num_experts=8 is not divisible by ep=3"),
+        ([*RUN, "--mesh", "tp=3"], "--mesh tp=3: hidden_dim=128 is not divisible by tp=3"),
+        ([*RUN, "--mesh", "ep=2xtp=3"], "hidden_dim=128 is not divisible by tp=3"),
+        ([*RUN, "--mesh", "ep=0"], "ep=0"),
+        ([*RUN, "--mesh", "ep=4"], "batch=2 is not divisible by ep=4"),
+        ([*RUN, "--out", "/proc"], "--out '/proc': cannot write there"),
+        ([*RUN, "--layer", "2"], "--layer 2 needs --hf"),
+        ([*RUN, "--out", "{tmp}/file.txt"], "file.txt' exists and is not a directory"),
+        ([*RUN, "--out", "{tmp}/file.txt/sub"], "file.txt' is not a directory"),
+        ([*RUN, "--out", "/proc/moe-parity-no/such"], "/proc/moe-parity-no/such"),
+        ([*RUN, "--weights", "{tmp}"], "is a directory; expected a .safetensors file"),
+        ([*RUN, "--weights", "{tmp}/nan.safetensors"], "'experts.w2': 1 NaN"),
+        ([*RUN, "--weights", "{tmp}/int.safetensors"], "'experts.w1' is int32"),
+        (["init-weights", "--out", "{tmp}"], "is a directory; expected a file name"),
+        (["init-weights", "--seed", "-5", "--out", "{tmp}/w.safetensors"], "argument --seed: '-5'"),
+        (["init-weights", "--out", "{tmp}/file.txt/w.safetensors"], "does not exist"),
+    ]
+    return cases
+
+
+MALFORMED = _malformed()
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("malformed")
+    (tmp / "file.txt").write_text("not a directory")
+    w = init_weights(get_preset("default").config, 0)
+    save_weights(tmp / "nan.safetensors", {**w, "experts.w2": np.where(np.arange(w["experts.w2"].size).reshape(
+        w["experts.w2"].shape) == 7, np.nan, w["experts.w2"]).astype(np.float32)})
+    save_weights(tmp / "int.safetensors", {k: v.astype(np.int32) for k, v in w.items()})
+    return tmp
+
+
+@pytest.mark.parametrize("argv, expected", MALFORMED, ids=[" ".join(a[len(RUN):] if a[0] == "run" else a)
+                                                            for a, _ in MALFORMED])
+def test_malformed_arguments_exit_2_with_one_line(bad_files, capsys, argv, expected):
+    argv = [a.replace("{tmp}", str(bad_files)) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (out, err)
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe-parity: error: "), err
+    assert expected.replace("{tmp}", str(bad_files)) in lines[0], lines[0]
+
+
+def test_out_is_checked_before_the_run_and_created_at_the_end(tmp_path, capsys):
+    out = tmp_path / "new" / "dir"
+    code, _, err = run(capsys, *RUN, "--out", str(out))
+    assert code == 0 and (out / "report.json").is_file(), err
+    # the probe leaves nothing behind when the run stops at a usage error
+    code, _, _ = run(capsys, *RUN, "--out", str(tmp_path / "other"), "--rtol", "-1")
+    assert code == 2 and not (tmp_path / "other").exists()
+    code, _, _ = run(capsys, *RUN, "--out", str(tmp_path / "other"), "--preset", "nope")
+    assert code == 2 and not (tmp_path / "other").exists()
+
+
+def test_float64_weights_file_is_converted_with_a_note(tmp_path, capsys):
+    w = init_weights(get_preset("default").config, 0)
+    save_weights(tmp_path / "w64.safetensors", {k: v.astype(np.float64) for k, v in w.items()})
+    code, out, _ = run(capsys, *RUN, "--weights", str(tmp_path / "w64.safetensors"), "--out", str(tmp_path / "r"))
+    assert code == 0
+    assert "weights converted to the run's dtype float32" in out
+    line = ("weights converted to the run's dtype float32 (buffers to float32): expert_bias, experts.w1, "
+            "experts.w2, experts.w3, router.gate.weight, tokens_per_expert from float64")
+    assert f"- note: {line}\n" in (tmp_path / "r" / "report.md").read_text()
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["notes"] == [line]

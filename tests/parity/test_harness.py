@@ -177,3 +177,89 @@ def test_backend_exception_is_a_fail_row():
     row = next(c for c in report.checks if c.kind == "error")
     assert row.status == FAIL and "kaboom" in row.note
     assert not report.passed
+
+
+# ---------------------------------------------------------------------- issue 12: no false PASS
+@pytest.mark.parametrize("field, value", [
+    ("tie_tol", -1.0), ("tie_tol", float("nan")), ("seed", -5), ("bias_lr", float("inf")),
+    ("tolerances", {"*": {"rtol": -1.0}}), ("tolerances", {"float32": {"atol": float("inf")}}),
+])
+def test_settings_refuse_values_that_would_pass_everything(field, value):
+    with pytest.raises(ValueError, match=field if field != "tolerances" else "tolerances"):
+        Settings(cfg=CFG, **{field: value})
+
+
+def _most_used_expert(w, cfg=CFG) -> int:
+    """The expert most tokens of the default input choose (the reference's routing)."""
+    from parity.backends.reference_backend import reference_forward
+
+    _, aux = reference_forward(w, make_input(cfg, 2, 8, 0), cfg)
+    return int(np.argmax(np.bincount(np.ravel(aux["selected_experts"]), minlength=cfg.num_experts)))
+
+
+def test_nonfinite_weights_are_refused_naming_each_key_and_count():
+    from parity.weights import WeightsError
+
+    w = init_weights(CFG, 0)
+    w["router.gate.weight"][:] = np.nan
+    w["experts.w1"][0, 0, :3] = np.inf
+    with pytest.raises(WeightsError, match=r"'router.gate.weight': 128 NaN; 'experts.w1': 3 \+Inf"):
+        run_parity(fwd_settings(), w, [ReferenceRunner()])
+    with pytest.raises(ValueError, match="x holds 1 NaN and 0 Inf"):
+        x = make_input(CFG, 2, 8, 0)
+        x[1, 2, 3] = np.nan
+        run_parity(fwd_settings(), init_weights(CFG, 0), [ReferenceRunner()], x=x)
+
+
+def test_integer_weights_are_refused_and_other_floats_converted_with_a_note():
+    from parity.weights import WeightsError
+
+    w = init_weights(CFG, 0)
+    with pytest.raises(WeightsError, match="'experts.w2' is int32"):
+        run_parity(fwd_settings(), {**w, "experts.w2": w["experts.w2"].astype(np.int32)}, [ReferenceRunner()])
+    with pytest.raises(WeightsError, match="'expert_bias' is bool"):
+        run_parity(fwd_settings(), {**w, "expert_bias": np.zeros(8, bool)}, [ReferenceRunner()])
+    report = run_parity(fwd_settings(), {**w, "experts.w1": w["experts.w1"].astype(np.float64),
+                                         "experts.w3": w["experts.w3"].astype(np.float16)}, [ReferenceRunner()])
+    assert report.notes == ["weights converted to the run's dtype float32 (buffers to float32): "
+                            "experts.w1 from float64; experts.w3 from float16"]
+    assert report.to_dict()["notes"] == report.notes and "- note: weights converted" in report.to_markdown()
+    assert run_parity(fwd_settings(), w, [ReferenceRunner()]).notes == []
+
+
+def test_nan_in_one_backend_is_a_fail_of_its_own_never_a_warn():
+    # one NaN in the backend's copy of a used expert: its tokens' outputs are NaN, the float64 answer is not
+    w = init_weights(CFG, 0)
+    used = _most_used_expert(w)
+
+    def plant(ws):
+        ws["experts.w1"][used, 0, 0] = np.nan
+        return ws
+
+    report = run_parity(fwd_settings(), w, [ReferenceRunner(weights_hook=plant)])
+    row = next(c for c in report.checks if c.id == "forward/out/reference:cpu~reference")
+    assert row.status == FAIL and row.nonfinite > 0
+    assert row.note.startswith(f"{row.nonfinite} NaN/Inf element(s) where the float64 answer is finite")
+    assert report.exit_code == 1
+    assert report.to_dict()["checks"][0]["nonfinite"] > 0
+
+
+def test_allow_nonfinite_compares_nan_masks():
+    w = init_weights(CFG, 0)
+    used = _most_used_expert(w)
+    w["experts.w1"][used, 0, 0] = np.nan  # NaN in the reference too: the masks agree
+    settings = fwd_settings(allow_nonfinite=True)
+    report = run_parity(settings, w, [ReferenceRunner()])
+    out = next(c for c in report.checks if c.id == "forward/out/reference:cpu~reference")
+    assert out.status == PASS and out.nonfinite == 0, out
+    assert "NaN/Inf element(s) at the same places in both (compared as masks" in out.note
+    with pytest.raises(ValueError, match="non-finite"):
+        run_parity(fwd_settings(), w, [ReferenceRunner()])
+
+    def more_nan(ws):  # the backend spreads NaN to every expert: the masks differ
+        ws["experts.w1"][:, 0, 0] = np.nan
+        return ws
+
+    report = run_parity(settings, w, [ReferenceRunner(weights_hook=more_nan)])
+    out = next(c for c in report.checks if c.id == "forward/out/reference:cpu~reference")
+    assert out.status == FAIL and out.nonfinite > 0

@@ -293,6 +293,18 @@ def test_import_hf_writes_canonical_file(checkpoint, tmp_path):
     assert side["model_type"] == "deepseek_v3"
 
 
+def test_cli_import_hf_and_run_hf(checkpoint, tmp_path, capsys):
+    from parity.cli import main
+
+    path, _ = checkpoint("deepseek_v3", "fused")
+    assert main(["import-hf", str(path), "--layer", str(LAYER), "--out", str(tmp_path / "w.safetensors")]) == 0
+    assert main(["import-hf", str(path), "--layer", str(LAYER), "--out", str(tmp_path)]) == 2  # a directory
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["run", "--hf", str(path), "--layer", str(LAYER), "--backends", "reference,hf", "--quiet",
+                 "--no-grads", "--steps", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["preset"].endswith(f"#layer{LAYER}")
+
+
 def test_moe_layer_indices(checkpoint):
     cfg = json.loads((checkpoint("deepseek_v3")[0] / "config.json").read_text())
     assert moe_layer_indices(cfg) == [1, 2]

@@ -76,3 +76,53 @@ def test_tolerance_defaults_and_overrides():
     assert tolerance("float64", "exact") == {"rtol": 0.0, "atol": 0.0}
     with pytest.raises(ValueError, match="dtype"):
         tolerance("int8")
+
+
+# ---------------------------------------------------------------------- issue 12: no false PASS
+@pytest.mark.parametrize("bad", [-1, -1e-12, float("nan"), float("inf"), "abc", None, True])
+def test_negative_or_nonfinite_tolerance_is_refused(bad):
+    # a negative atol/rtol made every comparison pass; NaN compared false against every error
+    with pytest.raises(ValueError, match="must be"):
+        compare(np.ones(3) + 1, np.ones(3), "float32", rtol=bad, atol=0.0)
+    with pytest.raises(ValueError, match="must be"):
+        compare(np.ones(3) + 1, np.ones(3), "float32", rtol=0.0, atol=bad)
+    with pytest.raises(ValueError, match=r"tolerances\['float32'\]\['atol'\]"):
+        tolerance("float32", overrides={"float32": {"atol": bad}})
+
+
+def test_tolerance_overrides_are_validated():
+    with pytest.raises(ValueError, match="'int8'"):
+        tolerance("float32", overrides={"int8": {"atol": 1.0}})
+    with pytest.raises(ValueError, match="'atl'"):
+        tolerance("float32", overrides={"*": {"atl": 1.0}})
+
+
+def test_nan_against_nan_is_never_zero_error():
+    # the old compare counted NaN vs NaN as 0 error: max_abs=0.0, cosine=nan, PASS
+    m = compare([np.nan, 1.0], [np.nan, 1.0], "float32", rtol=1e-4, atol=1e-5)
+    assert not m.passed and m.nonfinite_matched == 1 and m.tol_ratio == np.inf
+    assert "allow_nonfinite" in m.nonfinite_reason()
+    # all NaN: nothing finite to measure, the figures are undefined (not 0 / a cosine of 1)
+    m = compare(np.full(4, np.nan), np.full(4, np.nan), "float32", rtol=1, atol=1)
+    assert not m.passed and np.isnan(m.max_abs) and np.isnan(m.cosine)
+
+
+def test_nonfinite_actual_where_expected_is_finite_fails_on_its_own():
+    e = np.linspace(-1, 1, 8)
+    for bad in (np.nan, np.inf, -np.inf):
+        a = e.copy()
+        a[3] = bad
+        for allow in (False, True):
+            m = compare(a, e, "float32", rtol=1e9, atol=1e9, allow_nonfinite=allow)  # no tolerance hides it
+            assert not m.passed and m.nonfinite == 1 and m.worst_index == 3
+            assert m.max_abs == 0.0 and m.cosine == pytest.approx(1.0)  # the finite elements agree
+            assert m.nonfinite_reason("the float64 answer") == "1 NaN/Inf element(s) where the float64 answer is finite"
+
+
+def test_allow_nonfinite_compares_masks():
+    e = np.array([np.nan, np.inf, -np.inf, 1.0])
+    assert compare(e, e, "float32", rtol=0, atol=0, allow_nonfinite=True).passed
+    assert not compare(e, e, "float32", rtol=0, atol=0).passed
+    for a in ([np.inf, np.inf, -np.inf, 1.0], [np.nan, -np.inf, -np.inf, 1.0], [np.nan, np.inf, 2.0, 1.0]):
+        m = compare(a, e, "float32", rtol=1e9, atol=1e9, allow_nonfinite=True)
+        assert not m.passed and m.mask_mismatch == 1 and m.nonfinite == 0

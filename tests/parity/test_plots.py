@@ -107,3 +107,10 @@ def test_ulp_histograms_and_buckets():
     assert len(ax.patches) == 2 * len(ulp_buckets(u32)[1])
     with pytest.raises(ValueError, match="no ULP"):
         plot_ulp_histograms({})
+
+
+def test_error_histogram_leaves_out_nonfinite_errors():
+    # an Inf or NaN error (a row that failed on non-finite values) used to break the bin edges
+    fig = plot_error_histograms({"forward: out": {"a vs b": np.array([1e-7, np.inf, np.nan, 0.0]),
+                                                  "c vs d": np.array([np.nan])}})
+    assert fig.axes[0].get_title() == "forward: out"

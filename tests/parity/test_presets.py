@@ -3,14 +3,17 @@
 import numpy as np
 import pytest
 
-from parity.config import MoEConfig
+from parity.config import MoEConfig, layer_config
 from parity.presets import PRESETS, get_preset
 from parity.reference import moe_forward
 from parity.weights import init_weights
 
 
 def test_default_is_the_original_module():
-    assert get_preset("default").config == MoEConfig()
+    """The "default" preset is what the original constructor builds (``parity.config.layer_config``)."""
+    cfg = get_preset("default").config
+    assert cfg == MoEConfig(use_expert_bias=True, route_order="scale_first")
+    assert cfg == layer_config(dim=64, hidden_dim=128, num_experts=8)
 
 
 def test_published_routing():

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from moe_torch import update_expert_bias
-from parity.mesh_job import MeshJob, check_mesh, write_job
+from parity.mesh_job import STALL_TIMEOUT_S, MeshJob, check_mesh, write_job
 from parity.mesh_torch import collect_job, run_torch_mesh, spawn
 from parity.reference import update_expert_bias as ref_update_expert_bias
 from tests.cases import HOT, TOLERANCES, make_job
+from tests.setup_once import SetupOnce
 from tests.torch.conftest import build_moe
 
 pytestmark = pytest.mark.distributed
@@ -51,7 +52,7 @@ def run_world(jobs: dict[str, MeshJob], world: int) -> tuple[dict, list[dict]]:
     with tempfile.TemporaryDirectory(prefix="moe_test_parallel_") as tmp:
         for i, job in enumerate(jobs.values()):
             write_job(os.path.join(tmp, f"job{i}"), job)
-        spawn("tests.torch.dist_workers:jobs_then_checks", world, tmp, len(jobs), timeout_s=240)
+        spawn("tests.torch.dist_workers:jobs_then_checks", world, tmp, len(jobs), timeout_s=STALL_TIMEOUT_S)
         results = {name: collect_job(os.path.join(tmp, f"job{i}"), world) for i, name in enumerate(jobs)}
         checks = []
         for r in range(world):
@@ -60,14 +61,19 @@ def run_world(jobs: dict[str, MeshJob], world: int) -> tuple[dict, list[dict]]:
     return results, checks
 
 
-@pytest.fixture(scope="module")
-def world2():
-    return run_world(WORLD2, 2)
+# each world starts once; a failure is reported once, by the first test (tests/setup_once.py)
+WORLDS = {2: SetupOnce("the 2-process gloo world of tests/torch/test_parallel.py", lambda: run_world(WORLD2, 2)),
+          4: SetupOnce("the 4-process gloo world of tests/torch/test_parallel.py", lambda: run_world(WORLD4, 4))}
 
 
-@pytest.fixture(scope="module")
-def world4():
-    return run_world(WORLD4, 4)
+@pytest.fixture
+def world2(request):
+    return WORLDS[2].get(request)
+
+
+@pytest.fixture
+def world4(request):
+    return WORLDS[4].get(request)
 
 
 # ------------------------------------------------------------------------------ single device
@@ -191,10 +197,10 @@ def test_failing_rank_ends_run_with_its_error():
     assert time.monotonic() - start < 120  # ended by the failure, not by a timeout
 
 
-@pytest.mark.slow  # the same error is checked on real meshes in test_errors_on_real_meshes
-def test_wrong_ep_size_ends_run_with_clear_error():
+def test_wrong_ep_size_is_refused_before_any_process_starts():
+    # the ranks' own check (moe_torch.parallel) is exercised on real meshes in test_errors_on_real_meshes
     job = make_job("shared_expert", {"ep": 2}, num_experts=3, top_k=1)
-    with pytest.raises(RuntimeError, match=r"num_experts=3 is not divisible by the 'ep' mesh size 2"):
+    with pytest.raises(ValueError, match=r"num_experts=3 is not divisible by ep=2"):
         run_torch_mesh(job.cfg, job.weights, job.x, job.cotangent, job.mesh, steps=1, timeout_s=120)
 
 
