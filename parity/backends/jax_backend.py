@@ -60,26 +60,30 @@ class JaxRunner(Runner):
             yield
 
     def _build(self, cfg: MoEConfig, weights, dtype: str):
+        """A ``moe_jax.MoE`` holding ``weights`` in ``dtype`` (buffers float32).
+
+        The module is traced abstractly (``nnx.eval_shape``: no random initialisation is run, so
+        nothing is compiled for it) and its variables are filled from NumPy arrays cast on the host.
+        """
         import jax.numpy as jnp
         from flax import nnx
 
         import moe_jax
 
         cfg, weights = self.prepare(cfg, weights)
-        moe = moe_jax.MoE(**cfg.to_kwargs(), rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype))
-        mapping = {name: jnp.asarray(np.asarray(value, np.float64).astype(
-            np.float32 if name in BUFFERS or dtype != "float64" else np.float64)).astype(
-            jnp.float32 if name in BUFFERS else jnp.dtype(dtype))
-            for name, value in weights.items()}
-        moe_jax.load_state_dict(moe, mapping)
+        moe = nnx.eval_shape(lambda: moe_jax.MoE(**cfg.to_kwargs(), rngs=nnx.Rngs(0),
+                                                 param_dtype=jnp.dtype(dtype)))
+        for _, var in nnx.to_flat_state(nnx.state(moe)):
+            var.set_value(jnp.asarray(np.zeros(var.shape, var.dtype)))
+        moe_jax.load_state_dict(moe, {name: _host_cast(value, "float32" if name in BUFFERS else dtype)
+                                      for name, value in weights.items()})
         return moe
 
     @staticmethod
     def _x(x, dtype):
         import jax.numpy as jnp
 
-        x = np.asarray(x, np.float64)
-        return jnp.asarray(x if dtype == "float64" else x.astype(np.float32)).astype(jnp.dtype(dtype))
+        return jnp.asarray(_host_cast(x, dtype))
 
     @staticmethod
     def _np(a) -> np.ndarray:
@@ -88,15 +92,24 @@ class JaxRunner(Runner):
             return a.astype(np.int64)
         return np.asarray(a.astype(np.float64))
 
-    def forward(self, cfg, weights, x, dtype, selected_experts=None) -> Tensors:
+    @staticmethod
+    def _selected(selected_experts, cfg: MoEConfig):
+        """Locked routing as int32, range-checked here (inside ``jit`` the module cannot check values)."""
         import jax.numpy as jnp
 
+        if selected_experts is None:
+            return None
+        idx = np.asarray(selected_experts)
+        if idx.size and (idx.min() < 0 or idx.max() >= cfg.num_experts):
+            raise ValueError(f"selected_experts holds values in [{idx.min()}, {idx.max()}]; expected expert "
+                             f"indices in [0, num_experts={cfg.num_experts})")
+        return jnp.asarray(idx.astype(np.int32))
+
+    def forward(self, cfg, weights, x, dtype, selected_experts=None) -> Tensors:
         with self._scope(dtype):
             moe = self._build(cfg, weights, dtype)
             moe.eval()
-            kwargs = {} if selected_experts is None else {
-                "selected_experts": jnp.asarray(np.asarray(selected_experts, np.int32))}
-            out, aux = moe(self._x(x, dtype), return_aux=True, **kwargs)
+            out, aux = _jitted()["forward"](moe, self._x(x, dtype), self._selected(selected_experts, cfg))
             t = Tensors()
             t.put("out", self._np(out), _dtype_name(out))
             for key, value in aux.items():
@@ -104,53 +117,89 @@ class JaxRunner(Runner):
         return t
 
     def grad(self, cfg, weights, x, dtype, cotangent, selected_experts=None) -> Tensors:
-        import jax.numpy as jnp
-        from flax import nnx
-
         import moe_jax
 
         with self._scope(dtype):
             moe = self._build(cfg, weights, dtype)
             moe.eval()
-            acc = jnp.float64 if dtype == "float64" else jnp.float32
-            cot = jnp.asarray(np.asarray(cotangent, np.float64).astype(np.dtype(acc)))
-            kwargs = {} if selected_experts is None else {
-                "selected_experts": jnp.asarray(np.asarray(selected_experts, np.int32))}
-
-            def objective(module, xt):
-                out, aux = module(xt, return_aux=True, **kwargs)
-                loss = (out.astype(acc) * cot).sum()
-                for key in ("load_balance_loss", "router_z_loss"):
-                    if key in aux:
-                        loss = loss + aux[key].astype(acc)
-                return loss
-
-            g_module, g_x = nnx.grad(objective, argnums=(0, 1))(moe, self._x(x, dtype))
+            acc = "float64" if dtype == "float64" else "float32"
+            g_params, g_x = _jitted()["grad"](moe, self._x(x, dtype), self._x(cotangent, acc),
+                                              self._selected(selected_experts, cfg))
             t = Tensors()
             t.put(GRAD_INPUT, self._np(g_x), _dtype_name(g_x))
-            for name, g in moe_jax.state_dict(g_module).items():
+            for name, g in moe_jax.state_dict(g_params).items():
                 if name in BUFFERS:
                     continue
                 t.put(name, self._np(g), _dtype_name(g))
         return t
 
     def bias_steps(self, cfg, weights, xs: Sequence[np.ndarray], dtype, lr) -> list[Tensors]:
-        import moe_jax
-        from moe_jax.balancing import update_expert_bias
+        import jax.numpy as jnp
 
         steps = []
         with self._scope(dtype):
             moe = self._build(cfg, weights, dtype)
             moe.train()
+            step = _jitted()["bias_step"]
+            lr32 = jnp.asarray(np.float32(lr))
             for x in xs:
-                _, aux = moe(self._x(x, dtype), return_aux=True)
-                state = moe_jax.state_dict(moe)
+                counts, selected, bias = step(moe, self._x(x, dtype), lr32)
                 t = Tensors()
-                t.put("tokens_per_expert", self._np(state["tokens_per_expert"]),
-                      _dtype_name(state["tokens_per_expert"]))
-                t.put("selected_experts", self._np(aux["selected_experts"]), "int64")
-                update_expert_bias(moe, lr)
-                bias = moe_jax.state_dict(moe)["expert_bias"]
+                t.put("tokens_per_expert", self._np(counts), _dtype_name(counts))
+                t.put("selected_experts", self._np(selected), "int64")
                 t.put("expert_bias", self._np(bias), _dtype_name(bias))
                 steps.append(t)
         return steps
+
+
+def _host_cast(value, dtype: str) -> np.ndarray:
+    """``value`` (float64 holding values exact in ``dtype``) as a NumPy array of ``dtype``, cast on the
+    host (ml_dtypes for bfloat16), so that loading weights or an input compiles nothing."""
+    import jax.numpy as jnp
+
+    return np.asarray(value, np.float64).astype(jnp.dtype(dtype))
+
+
+_JITTED: dict = {}
+
+
+def _jitted() -> dict:
+    """The three compiled steps, built once per process (``nnx.jit``; jax is imported on first use).
+
+    Each is traced once per (module structure, shapes, dtype, locked or free routing): a default run
+    compiles forward (free, locked), gradient (run dtype, float64) and the bias step once each, where
+    op-by-op dispatch compiled every operation separately (issue 14: 261 compilations).
+    ``forward(moe, x, selected)`` -> (out, aux); ``grad(moe, x, cotangent, selected)`` ->
+    (parameter gradients as an ``nnx.State``, gradient w.r.t. ``x``) of ``sum(out * cotangent)`` plus
+    the enabled aux losses, accumulated in the cotangent's dtype; ``bias_step(moe, x, lr)`` -> (the
+    counts of a training-mode forward, its ``selected_experts``, ``expert_bias`` after
+    ``update_expert_bias``), updating ``moe`` in place.
+    """
+    if _JITTED:
+        return _JITTED
+    from flax import nnx
+
+    from moe_jax.balancing import update_expert_bias
+
+    def forward(moe, x, selected):
+        return moe(x, return_aux=True, selected_experts=selected)
+
+    def grad(moe, x, cot, selected):
+        def objective(module, xt):
+            out, aux = module(xt, return_aux=True, selected_experts=selected)
+            loss = (out.astype(cot.dtype) * cot).sum()
+            for key in ("load_balance_loss", "router_z_loss"):
+                if key in aux:
+                    loss = loss + aux[key].astype(cot.dtype)
+            return loss
+
+        return nnx.grad(objective, argnums=(0, 1))(moe, x)
+
+    def bias_step(moe, x, lr):
+        _, aux = moe(x, return_aux=True)
+        counts = moe.tokens_per_expert[...]
+        update_expert_bias(moe, lr)
+        return counts, aux["selected_experts"], moe.expert_bias[...]
+
+    _JITTED.update(forward=nnx.jit(forward), grad=nnx.jit(grad), bias_step=nnx.jit(bias_step))
+    return _JITTED
