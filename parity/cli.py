@@ -241,6 +241,21 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return {k: int(v) for k, v in (part.split("=") for part in spec.split("x"))}
 
 
+def _compile_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache (``parity.backends.jax_backend.default_cache_dir``);
+    the directory, or None when it is off or cannot be created (then the run compiles as usual)."""
+    from parity.backends.jax_backend import default_cache_dir, enable_compile_cache
+
+    directory = default_cache_dir()
+    if directory is None:
+        return None
+    try:
+        enable_compile_cache(directory)
+    except OSError:
+        return None
+    return directory
+
+
 class _RichProgress:
     """Adapter from the harness's progress protocol to a rich progress bar (on stderr)."""
 
@@ -327,6 +342,9 @@ def cmd_run(args) -> int:
 
     from parity.harness import Settings, run_parity
     from parity.weights import WeightsError as _WE
+
+    if not args.no_compile_cache and any(n.startswith("jax") for n in names):
+        _compile_cache()
 
     try:
         settings = Settings(cfg=cfg, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
@@ -513,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
     r.add_argument("--max-rows", type=non_negative_int, default=None, help="terminal table rows (default all; 0 all)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep JAX's compiled programs between runs (default: kept in "
+                        "$MOE_PARITY_JAX_CACHE, else $XDG_CACHE_HOME/moe-parity/jax, else ~/.cache/moe-parity/jax; "
+                        "MOE_PARITY_JAX_CACHE=off also turns it off)")
     r.set_defaults(func=cmd_run)
 
     ps = sub.add_parser("presets", help="list the presets")

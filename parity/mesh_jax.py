@@ -169,17 +169,20 @@ def make_mesh(mesh: Mapping[str, int]):
 
 def build_moe(cfg: MoEConfig, weights: Mapping[str, np.ndarray], dtype: str):
     """A ``moe_jax.MoE`` in ``dtype`` holding ``weights`` (float64 arrays; buffers float32, default 0)."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import moe_jax
+    from parity.backends.jax_backend import host_cast
 
-    moe = moe_jax.MoE(**cfg.to_kwargs(), rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype))
-    np_dtype = np.float64 if dtype == "float64" else np.float32
-    mapping = {k: jnp.asarray(np.asarray(v, np.float64).astype(np.float32 if k in BUFFERS else np_dtype))
-               .astype(jnp.float32 if k in BUFFERS else jnp.dtype(dtype)) for k, v in weights.items()}
+    # traced abstractly and filled from host-cast arrays: no random initialisation or cast is compiled
+    moe = nnx.eval_shape(lambda: moe_jax.MoE(**cfg.to_kwargs(), rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype)))
+    for _, var in nnx.to_flat_state(nnx.state(moe)):
+        var.set_value(jax.device_put(np.zeros(var.shape, var.dtype)))
+    mapping = {k: host_cast(v, "float32" if k in BUFFERS else dtype) for k, v in weights.items()}
     for k in BUFFERS:
-        mapping.setdefault(k, jnp.zeros((cfg.num_experts,), jnp.float32))
+        mapping.setdefault(k, np.zeros((cfg.num_experts,), np.float32))
     moe_jax.load_state_dict(moe, mapping)
     return moe
 
@@ -220,18 +223,18 @@ def _job(meta: dict, arrays: dict) -> tuple[dict, dict, dict]:
 
     import moe_jax
     from moe_jax.parallel import parallel_call, param_specs, shard_moe, sharded_call
+    from parity.backends.jax_backend import host_cast
 
     cfg = MoEConfig.from_dict(meta["cfg"])
     mesh = make_mesh(meta["mesh"])
     ep_axis = "ep" if "ep" in meta["mesh"] else None
     tp_axis = "tp" if "tp" in meta["mesh"] else None
     dtype = meta["dtype"]
-    jdtype = jnp.dtype(dtype)
     acc = jnp.float64 if dtype == "float64" else jnp.float32
     weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
 
     def as_x(a):
-        return jnp.asarray(np.asarray(a, np.float64 if dtype == "float64" else np.float32)).astype(jdtype)
+        return jax.device_put(host_cast(a, dtype))
 
     out, spread, dtypes = {}, {}, {}
 
@@ -248,8 +251,8 @@ def _job(meta: dict, arrays: dict) -> tuple[dict, dict, dict]:
     moe = build_moe(cfg, weights, dtype)
     moe.eval()
     shard_moe(moe, mesh, ep_axis, tp_axis)
-    sel = jnp.asarray(arrays["sel"].astype(np.int32)) if "sel" in arrays else None
-    cot = jnp.asarray(np.asarray(arrays["cot"], np.dtype(acc)))
+    sel = jax.device_put(arrays["sel"].astype(np.int32)) if "sel" in arrays else None
+    cot = jax.device_put(np.asarray(arrays["cot"], np.dtype(acc)))
 
     def objective(module, x):
         o, aux = sharded_call(module, x, mesh, ep_axis=ep_axis, tp_axis=tp_axis, return_aux=True,
@@ -260,7 +263,8 @@ def _job(meta: dict, arrays: dict) -> tuple[dict, dict, dict]:
                 loss = loss + aux[key].astype(acc)
         return loss, (o, aux)
 
-    (_, (o, aux)), (g_module, g_x) = nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+    # one compiled program for the forward and both gradients (op by op, every operation compiled apart)
+    (_, (o, aux)), (g_module, g_x) = nnx.jit(nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True))(
         moe, as_x(arrays["x"]))
     put("forward/out", o)
     for key, value in aux.items():
@@ -282,7 +286,7 @@ def _job(meta: dict, arrays: dict) -> tuple[dict, dict, dict]:
         moe.train()
         graphdef, state = nnx.split(moe)
         specs = param_specs(state, ep_axis, tp_axis)
-        xs = jnp.stack([as_x(arrays[f"xs/{i}"]) for i in range(steps)])
+        xs = jax.device_put(np.stack([host_cast(arrays[f"xs/{i}"], dtype) for i in range(steps)]))
         shards = tuple(mesh.axis_names)
 
         def body(state, xs):
@@ -304,6 +308,6 @@ def _job(meta: dict, arrays: dict) -> tuple[dict, dict, dict]:
         for i in range(steps):
             put(f"bias/{i}/tokens_per_expert", counts[i])
             put(f"bias/{i}/selected_experts", sels[i])
-            put(f"bias/{i}/expert_bias", jnp.asarray(biases[0, i]))
+            put(f"bias/{i}/expert_bias", biases[0, i])
             spread[f"bias/{i}/expert_bias"] = float(np.max(np.abs(biases[:, i] - biases[:1, i])))
     return out, spread, dtypes

@@ -262,36 +262,61 @@ class Report:
         return "\n".join(lines)
 
     # ---- terminal --------------------------------------------------------------------------------
-    def rich_table(self, max_rows: int | None = None, out_path: str | None = None):
-        """The terminal table: one row per check, worst first, sized for a 120-column terminal.
+    def rich_table(self, max_rows: int | None = None, out_path: str | None = None, width: int | None = None,
+                   compact: bool | None = None):
+        """The terminal table: one row per check, worst first, laid out for a terminal ``width`` wide.
 
         Only the columns that decide a verdict are shown (max abs error, error in ULPs at the tensor's
-        scale, cosine, tolerance ratio); max relative error and per-element ULPs are in report.json /
-        report.md. ``out_path``: where the full report was written, named in the caption when rows are cut.
+        scale, cosine, tolerance ratio; max relative error and per-element ULPs are in report.json /
+        report.md, at full precision). ``compact`` (default: ``width`` < ``WIDE_TABLE`` columns) puts
+        backend and reference in one column and leaves out the cosine, so the table fits 80 columns;
+        names wrap at spaces, never inside a backend or tensor name, and no cell is cut.
+        ``out_path``: where the full report was written, named in the caption when rows are cut.
         """
         from rich import box
         from rich.markup import escape  # backend names such as "jax:cpu[ep=2]" are not markup
         from rich.table import Table
 
+        if compact is None:
+            compact = width is not None and width < WIDE_TABLE
         summ = self.summary()
         title = (f"moe-parity: {summ['status'].upper()}  ({summ['passed']} passed, {summ['failed']} failed, "
                  f"{summ['warned']} warned, {summ['skipped']} skipped)  preset={self.settings.get('preset')} "
                  f"dtype={self.settings.get('dtype')}")
-        table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=True)
-        for col in ("status", "check", "backend", "against", "max abs", "ULP", "cosine", "tol", "note"):
-            table.add_column(col, justify="left" if col in ("status", "check", "backend", "against", "note")
-                             else "right", no_wrap=True)
+        table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False,
+                      collapse_padding=True, width=width)
         rows = sorted(self.checks, key=Check.sort_key)
         shown = rows if max_rows is None else rows[:max_rows]
         notes: dict[str, int] = {}  # note text -> footnote number, so long notes don't widen the table
+        cells = []
         for c in shown:
-            against = c.against if c.dtype == self.settings.get("dtype") or "@" in c.against else f"{c.against} ({c.dtype})"
-            ref = f"[{notes.setdefault(c.note, len(notes) + 1)}]" if c.note else ""
-            table.add_row(f"[{_COLOURS.get(c.status, '')}]{c.status}[/]", f"{c.kind}/{c.tensor}", escape(c.backend),
-                          escape(against), _fmt(c.max_abs), _fmt(c.ulp_at_scale, ulp=True),
-                          _fmt(c.cosine, cos=True), _fmt(c.tol_ratio), escape(ref))
+            ref = f" [{notes.setdefault(c.note, len(notes) + 1)}]" if c.note else ""
+            check = f"{c.kind}/{c.tensor}" + (f": {c.masked_tokens} token(s) differ" if c.kind == "routing" else "")
+            against = _display_name(c.against)
+            if c.dtype != self.settings.get("dtype") and "@" not in c.against and c.kind != "routing":
+                against += f" in {c.dtype}"
+            numbers = ["-", "-", "-", "-"] if c.kind == "routing" else [
+                _fmt(c.max_abs), _fmt(c.ulp_at_scale, ulp=True), _fmt(c.cosine, cos=True), _fmt(c.tol_ratio)]
+            if compact:
+                numbers.pop(2)
+                names = [f"{_display_name(c.backend)} vs {against}"]
+            else:
+                names = [_display_name(c.backend), against]
+            cells.append([f"[{_COLOURS.get(c.status, '')}]{c.status}[/]", escape(check + ref),
+                          *(escape(n) for n in names), *numbers])
+        # a name column is at least as wide as its longest word, so rich wraps at spaces, never inside one
+        longest = [max([len(w) for cell in cells for w in _plain(cell[i]).split()] + [1])
+                   for i in range(1, 3 if compact else 4)]
+        heads = ["status", "check", "backend vs reference"] if compact else ["status", "check", "backend", "against"]
+        for i, head in enumerate(heads):
+            table.add_column(head, justify="left", overflow="fold", no_wrap=i == 0,
+                             min_width=longest[i - 1] if i else None)
+        for head in (["max abs", "ULP", "tol"] if compact else ["max abs", "ULP", "cosine", "tol"]):
+            table.add_column(head, justify="right", no_wrap=True, overflow="fold")
+        for cell in cells:
+            table.add_row(*cell)
         lines = ["ULP: error in units in the last place of the tensor's largest value; tol: error / tolerance "
-                 "(< 1 passes)."]
+                 "(< 1 passes)" + ("; cosine and max rel in --json / --out." if compact else ".")]
         lines += [escape(f"[{n}] {text}") for text, n in notes.items()]
         if len(shown) < len(rows):
             where = f"in {out_path}/report.json and report.md" if out_path else "with --out DIR (or --max-rows 0 for all)"
@@ -302,6 +327,21 @@ class Report:
         table.caption = "\n".join(lines)
         table.caption_justify = "left"
         return table
+
+
+#: terminals narrower than this get the compact table (``Report.rich_table``)
+WIDE_TABLE = 110
+
+
+def _display_name(name: str) -> str:
+    """A backend name as the table shows it: "jax:cpu@float64" -> "jax:cpu @float64" (wraps after the name)."""
+    return name.replace("@", " @")
+
+
+def _plain(markup: str) -> str:
+    from rich.text import Text
+
+    return Text.from_markup(markup).plain
 
 
 def _fmt(v, cos: bool = False, ulp: bool = False) -> str:

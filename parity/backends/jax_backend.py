@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,6 +67,7 @@ class JaxRunner(Runner):
         The module is traced abstractly (``nnx.eval_shape``: no random initialisation is run, so
         nothing is compiled for it) and its variables are filled from NumPy arrays cast on the host.
         """
+        import jax
         import jax.numpy as jnp
         from flax import nnx
 
@@ -74,16 +77,16 @@ class JaxRunner(Runner):
         moe = nnx.eval_shape(lambda: moe_jax.MoE(**cfg.to_kwargs(), rngs=nnx.Rngs(0),
                                                  param_dtype=jnp.dtype(dtype)))
         for _, var in nnx.to_flat_state(nnx.state(moe)):
-            var.set_value(jnp.asarray(np.zeros(var.shape, var.dtype)))
-        moe_jax.load_state_dict(moe, {name: _host_cast(value, "float32" if name in BUFFERS else dtype)
+            var.set_value(jax.device_put(np.zeros(var.shape, var.dtype)))
+        moe_jax.load_state_dict(moe, {name: host_cast(value, "float32" if name in BUFFERS else dtype)
                                       for name, value in weights.items()})
         return moe
 
     @staticmethod
     def _x(x, dtype):
-        import jax.numpy as jnp
+        import jax
 
-        return jnp.asarray(_host_cast(x, dtype))
+        return jax.device_put(host_cast(x, dtype))
 
     @staticmethod
     def _np(a) -> np.ndarray:
@@ -95,7 +98,7 @@ class JaxRunner(Runner):
     @staticmethod
     def _selected(selected_experts, cfg: MoEConfig):
         """Locked routing as int32, range-checked here (inside ``jit`` the module cannot check values)."""
-        import jax.numpy as jnp
+        import jax
 
         if selected_experts is None:
             return None
@@ -103,7 +106,7 @@ class JaxRunner(Runner):
         if idx.size and (idx.min() < 0 or idx.max() >= cfg.num_experts):
             raise ValueError(f"selected_experts holds values in [{idx.min()}, {idx.max()}]; expected expert "
                              f"indices in [0, num_experts={cfg.num_experts})")
-        return jnp.asarray(idx.astype(np.int32))
+        return jax.device_put(idx.astype(np.int32))
 
     def forward(self, cfg, weights, x, dtype, selected_experts=None) -> Tensors:
         with self._scope(dtype):
@@ -134,14 +137,14 @@ class JaxRunner(Runner):
         return t
 
     def bias_steps(self, cfg, weights, xs: Sequence[np.ndarray], dtype, lr) -> list[Tensors]:
-        import jax.numpy as jnp
+        import jax
 
         steps = []
         with self._scope(dtype):
             moe = self._build(cfg, weights, dtype)
             moe.train()
             step = _jitted()["bias_step"]
-            lr32 = jnp.asarray(np.float32(lr))
+            lr32 = jax.device_put(np.float32(lr))
             for x in xs:
                 counts, selected, bias = step(moe, self._x(x, dtype), lr32)
                 t = Tensors()
@@ -152,12 +155,50 @@ class JaxRunner(Runner):
         return steps
 
 
-def _host_cast(value, dtype: str) -> np.ndarray:
+def host_cast(value, dtype: str) -> np.ndarray:
     """``value`` (float64 holding values exact in ``dtype``) as a NumPy array of ``dtype``, cast on the
     host (ml_dtypes for bfloat16), so that loading weights or an input compiles nothing."""
     import jax.numpy as jnp
 
     return np.asarray(value, np.float64).astype(jnp.dtype(dtype))
+
+
+CACHE_ENV = "MOE_PARITY_JAX_CACHE"  #: a directory for JAX's compilation cache, or "0"/"off" for none
+
+
+def default_cache_dir() -> str | None:
+    """Where ``moe-parity run`` keeps JAX's persistent compilation cache, or ``None`` when it is off.
+
+    ``$MOE_PARITY_JAX_CACHE`` when set ("0", "off", "no", "false" or "" turn the cache off), else
+    ``$XDG_CACHE_HOME/moe-parity/jax``, else ``~/.cache/moe-parity/jax`` (the XDG base-directory rule).
+    """
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "no", "false") else os.path.expanduser(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "moe-parity", "jax")
+
+
+def enable_compile_cache(directory: str) -> None:
+    """Keep compiled XLA programs in ``directory`` (created if missing) across processes.
+
+    JAX's persistent compilation cache: a later run with the same config, shapes and versions loads
+    the programs instead of compiling them (entries are keyed by the program, the jax/jaxlib version
+    and the device, so a stale entry is never used). Every program is cached, however fast it compiled
+    (JAX's default skips those under 1 s). Before jax is imported this only sets JAX's environment
+    variables, so it costs nothing when no JAX backend runs.
+    """
+    os.makedirs(directory, exist_ok=True)
+    settings = {"jax_compilation_cache_dir": directory, "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    if "jax" in sys.modules:
+        import jax
+
+        for key, value in settings.items():
+            jax.config.update(key, value)
+    else:
+        for key, value in settings.items():
+            os.environ[key.upper()] = str(value)
 
 
 _JITTED: dict = {}
