@@ -20,7 +20,8 @@ def load_balance_loss(scores: jax.Array, selected_experts: jax.Array, num_expert
     chose expert i (no gradient); ``P_i``: mean over tokens of ``scores[:, i] / scores.sum(-1)``.
     kind="switch" uses the whole batch; kind="sequence" (DeepSeek-V3 sequence-wise balance loss,
     arXiv:2412.19437 eqs. 17-20) computes it per sequence (``batch`` sequences of N/batch tokens) and
-    averages over the batch. Raises ValueError for another ``kind``.
+    averages over the batch. No tokens (N = 0, or batch = 0): exactly 0 with a zero gradient (the
+    mean over no tokens is taken as 0; DESIGN.md). Raises ValueError for another ``kind``.
     """
     n, k = selected_experts.shape
     if kind == "switch":
@@ -29,6 +30,8 @@ def load_balance_loss(scores: jax.Array, selected_experts: jax.Array, num_expert
         raise ValueError(f"load_balance_loss={kind!r} is not one of ('switch', 'sequence')")
     dt = jnp.promote_types(scores.dtype, jnp.float32)
     scores = scores.astype(dt)
+    if n == 0:
+        return scores.sum() * jnp.asarray(0, dt)  # an empty sum: exactly 0, connected to ``scores``
     probs = (scores / scores.sum(-1, keepdims=True)).reshape(batch, n // batch, num_experts)
     onehot = jax.nn.one_hot(selected_experts, num_experts, dtype=dt).sum(1)  # (N, E)
     frac = onehot.reshape(batch, n // batch, num_experts).sum(1) / (n // batch * k)  # (B, E)
@@ -39,6 +42,8 @@ def load_balance_loss(scores: jax.Array, selected_experts: jax.Array, num_expert
 def router_z_loss(logits: jax.Array, coeff: float) -> jax.Array:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): ``coeff * mean(logsumexp(logits)^2)``. Scalar f32."""
     dt = jnp.promote_types(logits.dtype, jnp.float32)
+    if logits.shape[0] == 0:  # no tokens: exactly 0 with a zero gradient (DESIGN.md)
+        return logits.astype(dt).sum() * jnp.asarray(0, dt)
     z = jax.nn.logsumexp(logits.astype(dt), axis=-1)
     return jnp.asarray(coeff, dt) * jnp.mean(z**2)
 

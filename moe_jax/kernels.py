@@ -64,7 +64,9 @@ def ragged_dot_kernel(w1, w2, w3, x, counts):
     if jax.default_backend() != "cpu":
         return _ragged_swiglu(w1, w2, w3, x, counts)
     finite = jnp.isfinite(w1).all() & jnp.isfinite(w2).all() & jnp.isfinite(w3).all()
-    return lax.cond(finite, _ragged_swiglu, dense_kernel, w1, w2, w3, x, counts)
+    # NOTE: dense under remat, so that under grad the cond does not carry (and zero-fill on the
+    # ragged_dot side) dense's E-times-larger residuals
+    return lax.cond(finite, _ragged_swiglu, jax.checkpoint(dense_kernel), w1, w2, w3, x, counts)
 
 
 # -------------------------------------------------------------------------------------------- dense

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from parity.config import StateDictError, check_state_dict
+
 _T2 = (1, 0)  # [in, out] <-> [out, in]
 _T3 = (0, 2, 1)  # [E, in, out] <-> [E, out, in]
 
@@ -25,6 +27,7 @@ _CANONICAL: dict[str, tuple[str, tuple[int, ...] | None]] = {
     "shared_expert.w1": ("shared_expert.w1.weight", _T2),
     "shared_expert.w2": ("shared_expert.w2.weight", _T2),
     "shared_expert.w3": ("shared_expert.w3.weight", _T2),
+    "shared_expert_gate": ("shared_expert_gate.weight", _T2),
     "expert_bias": ("expert_bias", None),
     "tokens_per_expert": ("tokens_per_expert", None),
     # standalone submodules use the names their PyTorch twins give them
@@ -33,10 +36,6 @@ _CANONICAL: dict[str, tuple[str, tuple[int, ...] | None]] = {
     "w2": ("w2", _T3),
     "w3": ("w3", _T3),
 }
-
-
-class StateDictError(ValueError):
-    """Canonical weights that do not fit the module: lists every missing, extra or mis-shaped key."""
 
 
 def _is_feed_forward(root) -> bool:
@@ -82,30 +81,32 @@ def state_dict(module) -> dict[str, np.ndarray]:
 def load_state_dict(module: nnx.Module, mapping: Mapping[str, object], *, strict: bool = True) -> None:
     """Write canonical weights (PyTorch layout) into ``module`` in place, cast to each variable's dtype.
 
-    Every key is checked before anything is written: missing (unless ``strict=False``), unexpected
-    and mis-shaped keys raise one ``StateDictError`` (a ValueError) listing each with the expected and
-    the given shape. ``expert_bias`` / ``tokens_per_expert`` stay float32.
+    Every key is checked before anything is written: missing (unless ``strict=False``), unexpected,
+    mis-shaped and non-float (integer, bool) keys raise one ``parity.config.StateDictError`` (a
+    ValueError; the same class and message as ``moe_torch``'s ``MoE.load_state_dict``) listing each
+    with the expected and the given shape. Float arrays of another float dtype are cast to each
+    variable's dtype (round to nearest: float64 -> float32 loses precision, as a float32 module
+    does; DESIGN.md), except that a finite value overflowing to infinity is an error too.
+    ``expert_bias`` / ``tokens_per_expert`` stay float32.
     """
     targets = _variables(module)
-    problems = []
+    expected, given, arrays, overflows = {}, {}, {}, {}
     for name, (_, perm, var) in targets.items():
-        expected = tuple(var.shape[p] for p in perm) if perm is not None else tuple(var.shape)
-        if name not in mapping:
-            if strict:
-                problems.append(f"missing {name!r} (expected shape {list(expected)})")
-            continue
-        given = tuple(np.shape(mapping[name]))
-        if given != expected:
-            problems.append(f"{name!r} has shape {list(given)}, expected {list(expected)}")
-    for name in mapping:
-        if name not in targets:
-            problems.append(f"unexpected {name!r} (shape {list(np.shape(mapping[name]))}); "
-                            f"expected keys: {sorted(targets)}")
-    if problems:
-        raise StateDictError(f"canonical weights do not fit {type(module).__name__}:\n  "
-                             + "\n  ".join(problems))
+        expected[name] = tuple(var.shape[p] for p in perm) if perm is not None else tuple(var.shape)
+    for name, value in mapping.items():
+        value = np.asarray(value)
+        arrays[name] = value
+        given[name] = (value.shape, value.dtype.name, bool(jnp.issubdtype(value.dtype, jnp.floating)))
+        if name in targets and given[name][2] and value.shape == expected[name]:
+            dtype = np.dtype(targets[name][2].dtype)
+            if value.dtype != dtype:
+                with np.errstate(over="ignore"):
+                    cast = value.astype(dtype)
+                count = int((np.isfinite(value) & ~np.isfinite(cast)).sum())
+                overflows[name] = (count, value.dtype.name, dtype.name)
+    check_state_dict(type(module).__name__, expected, given, strict=strict, overflows=overflows)
     for name, (_, perm, var) in targets.items():
-        if name in mapping:
-            value = np.asarray(mapping[name])
+        if name in arrays:
+            value = arrays[name]
             value = value.transpose(perm) if perm is not None else value
             var[...] = jnp.asarray(value.astype(var.dtype))

@@ -59,11 +59,11 @@ def load_balance_loss(scores: torch.Tensor, selected_experts: torch.Tensor, num_
     elif kind != "sequence":
         raise ValueError(f"load_balance_loss={kind!r} is not one of ('switch', 'sequence')")
     n, k = selected_experts.shape
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if n == 0 and group is None:  # no tokens (B = 0 too): the mean over no tokens is 0 (DESIGN.md)
+        return scores.sum() * 0.0
     if batch <= 0 or n % batch:
         raise ValueError(f"batch={batch} does not divide the {n} tokens")
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    if n == 0 and group is None:
-        return scores.sum() * 0.0
     probs = (scores / scores.sum(-1, keepdim=True)).view(batch, n // batch, num_experts)
     with torch.no_grad():
         onehot = torch.zeros(n, num_experts, dtype=scores.dtype, device=scores.device)
