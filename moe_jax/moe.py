@@ -11,11 +11,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe_jax.balancing import load_balance_loss, router_z_loss
 from moe_jax.experts import GroupedExperts
-from moe_jax.feed_forward import FeedForward
+from moe_jax.feed_forward import FeedForward, normal_init
 from moe_jax.router import TokenChoiceTopKRouter
 from parity.config import BALANCE_FROM_COEFF, JAX_KERNELS, MoEConfig, layer_config
 
@@ -109,10 +110,17 @@ def combine(expert_out: jax.Array, routing_weights: jax.Array, order: jax.Array,
     """
     n, k = routing_weights.shape
     acc = jnp.promote_types(expert_out.dtype, jnp.float32)
-    y = permute_rows(expert_out, inverse, order).astype(acc).reshape(n, k, -1)
+    y = permute_rows(expert_out, inverse, order).astype(acc).reshape(n, k, expert_out.shape[-1])
     if not score_before_experts:
         y = y * routing_weights[..., None]
     return y.sum(1)
+
+
+def _check_expert_range(lo, hi, *, num_experts: int) -> None:
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"selected_experts holds values in [{lo}, {hi}]; expected expert indices in "
+                         f"[0, num_experts={num_experts})")
 
 
 # --------------------------------------------------------------------------------------------- MoE
@@ -131,8 +139,9 @@ class MoE(nnx.Module):
     the JAX kernels). ``config`` is the ``MoEConfig`` of the live attributes; ``load_balance_coeff``
     reads None when no balance loss is on.
 
-    State: ``router.gate`` (D, E), ``experts.w1/w2/w3``, ``shared_expert`` (a ``FeedForward`` or None)
-    as ``nnx.Param`` in ``param_dtype``; buffers ``expert_bias`` (E,) and ``tokens_per_expert`` (E,),
+    State: ``router.gate`` (D, E), ``experts.w1/w2/w3``, ``shared_expert`` (a ``FeedForward`` or None),
+    ``shared_expert_gate`` ((D, 1), with ``shared_expert_gate=True``, or None) as ``nnx.Param`` in
+    ``param_dtype``; buffers ``expert_bias`` (E,) and ``tokens_per_expert`` (E,),
     always float32. Canonical names and layouts: ``moe_jax.load_state_dict`` / ``moe_jax.state_dict``.
 
     Mode: ``deterministic=False`` (training, the default, like a fresh torch module) makes every
@@ -143,7 +152,14 @@ class MoE(nnx.Module):
     (N, E) f32, ``selected_experts`` (N, k) int32, ``routing_weights`` (N, k) f32,
     ``tokens_per_expert`` (E,) f32 (this call), plus ``load_balance_loss`` / ``router_z_loss`` (scalar
     f32) when enabled. ``selected_experts=`` (N, k) int replaces step (4) (locked routing).
-    Raises ValueError for a wrong rank or last dimension, TypeError for a dtype mismatch.
+    Raises ValueError for a wrong rank or last dimension or a ``selected_experts`` value outside
+    [0, E) (under ``jit``: a host callback, surfacing as a JaxRuntimeError with that message),
+    TypeError for a dtype mismatch or an ``x`` that is not an array (e.g. a list).
+
+    Degenerate inputs (DESIGN.md): zero tokens (B = 0 or S = 0) give an empty ``out``, zero
+    ``tokens_per_expert`` and losses exactly 0 (zero gradient). A token holding NaN is not checked:
+    its scores are NaN, so it goes to experts 0..k-1 (NaN ranks last, ties to the lower index), is
+    counted in ``tokens_per_expert`` and gives a NaN output row; other tokens are unaffected.
     """
 
     def __init__(
@@ -184,6 +200,9 @@ class MoE(nnx.Module):
                                       param_dtype=param_dtype)
         self.shared_expert = (FeedForward(cfg.dim, cfg.shared_dim, rngs=rngs, param_dtype=param_dtype)
                               if cfg.num_shared_experts else None)
+        # (9) Qwen2-MoE's per-token sigmoid gate on the shared expert (x @ gate: D -> 1), or None
+        self.shared_expert_gate = (nnx.Param(normal_init(rngs.params(), (cfg.dim, 1), cfg.dim, param_dtype))
+                                   if cfg.shared_expert_gate else None)
         self.expert_bias = Buffer(jnp.zeros((cfg.num_experts,), jnp.float32))
         self.tokens_per_expert = Buffer(jnp.zeros((cfg.num_experts,), jnp.float32))
 
@@ -208,11 +227,16 @@ class MoE(nnx.Module):
             num_expert_groups=r.num_expert_groups, num_limited_groups=r.num_limited_groups,
             group_score=r.group_score, route_order=r.route_order, score_before_experts=self.score_before_experts,
             num_shared_experts=self.num_shared_experts, shared_hidden_dim=self.shared_hidden_dim,
+            shared_expert_gate=self.shared_expert_gate is not None,
             expert_kernel=self.experts.expert_kernel, use_expert_bias=self.use_expert_bias,
             load_balance_loss=self.load_balance_loss, load_balance_coeff=self._balance_coeff,
             router_z_loss_coeff=self.router_z_loss_coeff)
 
     def _check_input(self, x: jax.Array, selected_experts: jax.Array | None) -> None:
+        for name, value in (("x", x), ("selected_experts", selected_experts)):
+            if value is not None and not isinstance(value, (jax.Array, np.ndarray)):
+                raise TypeError(f"{name} must be a jax.Array or numpy.ndarray, got {type(value).__name__}; "
+                                f"convert it first (jnp.asarray)")
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [batch, seq_len, dim={self.dim}]")
         param_dtype = self.experts.w1.dtype
@@ -227,11 +251,16 @@ class MoE(nnx.Module):
                              f"[num_tokens={expected[0]}, top_k={expected[1]}]")
         if not jnp.issubdtype(selected_experts.dtype, jnp.integer):
             raise TypeError(f"selected_experts has dtype {selected_experts.dtype}; expected an integer dtype")
-        if not isinstance(selected_experts, jax.core.Tracer):
-            lo, hi = int(jnp.min(selected_experts)), int(jnp.max(selected_experts))
-            if lo < 0 or hi >= self.num_experts:
-                raise ValueError(f"selected_experts holds values in [{lo}, {hi}]; expected expert "
-                                 f"indices in [0, num_experts={self.num_experts})")
+        if selected_experts.size == 0:
+            return
+        check = functools.partial(_check_expert_range, num_experts=self.num_experts)
+        lo, hi = jnp.min(selected_experts), jnp.max(selected_experts)
+        if isinstance(selected_experts, jax.core.Tracer):
+            # NOTE: under jit the values are known only on the device: a host callback raises there
+            # (surfacing as a JaxRuntimeError whose message holds this ValueError's text)
+            jax.debug.callback(check, lo, hi)
+        else:
+            check(lo, hi)
 
     def __call__(self, x: jax.Array, return_aux: bool = False, selected_experts: jax.Array | None = None):
         self._check_input(x, selected_experts)
@@ -249,9 +278,12 @@ class MoE(nnx.Module):
         expert_out = self.experts(routed, counts)
         # (8) combine in float32, back to the input dtype
         out = combine(expert_out, w, order, inverse, self.score_before_experts).astype(x.dtype)
-        # (9) shared experts see every token
+        # (9) shared experts see every token (scaled by their sigmoid gate when there is one)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = jax.nn.sigmoid(tokens @ self.shared_expert_gate[...]) * shared
+            out = out + shared
         if not self.deterministic:
             self.tokens_per_expert[...] = self.tokens_per_expert[...] + aux["tokens_per_expert"]
         if self.load_balance_loss is not None:

@@ -303,7 +303,10 @@ def parallel_call(moe: MoE, x: jax.Array, *, ep_axis: str | None = "ep", tp_axis
     # (9) shared experts see every token
     if moe.shared_expert is not None:
         shared = moe.shared_expert(tokens)
-        out = out + (shared if tp_axis is None else lax.psum(shared, tp_axis))
+        shared = shared if tp_axis is None else lax.psum(shared, tp_axis)
+        if moe.shared_expert_gate is not None:  # its sigmoid gate (replicated, like the router gate)
+            shared = jax.nn.sigmoid(tokens @ moe.shared_expert_gate[...]) * shared
+        out = out + shared
     if not moe.deterministic:
         moe.tokens_per_expert[...] = moe.tokens_per_expert[...] + aux["tokens_per_expert"]
     _global_losses(moe, aux, b, ep_axis)

@@ -11,6 +11,7 @@ from moe_torch.balancing import load_balance_loss, router_z_loss
 from moe_torch.experts import GroupedExperts
 from moe_torch.feed_forward import DTensor, FeedForward, local_tensor
 from moe_torch.router import TokenChoiceTopKRouter
+from moe_torch.weights import check_state_dict
 from parity.config import BALANCE_FROM_COEFF, TORCH_KERNELS, MoEConfig, layer_config
 
 _FLOAT32_BUFFERS = ("expert_bias", "tokens_per_expert")
@@ -206,7 +207,9 @@ class MoE(nn.Module):
 
     Submodules / parameters (canonical names): ``router.gate`` (``router.gate.weight`` (E, D)),
     ``experts.w1`` / ``w3`` (E, H, D), ``experts.w2`` (E, D, H), ``shared_expert`` (FeedForward
-    ``w1.weight`` (Hs, D), ``w2.weight`` (D, Hs), ``w3.weight`` (Hs, D)) or None.
+    ``w1.weight`` (Hs, D), ``w2.weight`` (D, Hs), ``w3.weight`` (Hs, D)) or None, ``shared_expert_gate``
+    (``nn.Linear(D, 1, bias=False)``: ``shared_expert_gate.weight`` (1, D), with ``shared_expert_gate=True``)
+    or None.
     Buffers (persistent, always float32 whatever ``.to(dtype)`` does): ``expert_bias`` (E,),
     ``tokens_per_expert`` (E,) = counts accumulated by training-mode forwards only.
 
@@ -222,6 +225,10 @@ class MoE(nn.Module):
         Router, combine and losses run in float32, or float64 for a float64 module (so float64
         matches the reference to ~1e-12).
         Raises ``ValueError`` for a wrong rank or last dim, ``TypeError`` for a dtype mismatch.
+        Degenerate inputs (DESIGN.md): zero tokens (bs = 0 or slen = 0) give an empty ``out``, zero
+        ``tokens_per_expert`` and losses exactly 0 (zero gradient). A token holding NaN is not checked:
+        its scores are NaN, so it goes to experts 0..k-1 (NaN ranks last, ties to the lower index), is
+        counted in ``tokens_per_expert`` and gives a NaN output row; other tokens are unaffected.
 
     Example::
         >>> moe = MoE(dim=64, hidden_dim=128, num_experts=8, top_k=2)
@@ -264,6 +271,8 @@ class MoE(nn.Module):
         if shared_expert is None and cfg.num_shared_experts:
             shared_expert = FeedForward(cfg.dim, cfg.shared_dim)
         self.shared_expert = shared_expert
+        # (9) Qwen2-MoE's per-token sigmoid gate on the shared expert (a Linear D -> 1), or None
+        self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
         self._shared = (cfg.num_shared_experts, cfg.shared_hidden_dim)
         self._balance_coeff = cfg.load_balance_coeff
         self.sequence_partition_group = sequence_partition_group
@@ -338,6 +347,7 @@ class MoE(nn.Module):
             num_expert_groups=r.num_expert_groups, num_limited_groups=r.num_limited_groups,
             group_score=r.group_score, route_order=r.route_order, score_before_experts=self.score_before_experts,
             num_shared_experts=self.num_shared_experts, shared_hidden_dim=self.shared_hidden_dim,
+            shared_expert_gate=self.shared_expert_gate is not None,
             expert_kernel=self.expert_kernel, use_expert_bias=self.use_expert_bias,
             load_balance_loss=self.load_balance_loss, load_balance_coeff=self._balance_coeff,
             router_z_loss_coeff=self.router_z_loss_coeff)
@@ -357,12 +367,26 @@ class MoE(nn.Module):
                 self._buffers[name] = buf
         return self
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` after the checks of ``moe_torch.weights.check_state_dict``.
+
+        Raises ``parity.config.StateDictError`` (a ValueError, the class and message of
+        ``moe_jax.load_state_dict``) listing every missing (unless ``strict=False``), unexpected,
+        mis-shaped or non-float key with both shapes, before anything is copied. Float tensors of
+        another float dtype are cast (float64 -> float32 rounds; DESIGN.md), unless a finite value
+        would overflow to infinity.
+        """
+        check_state_dict(self, state_dict, strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def init_weights(self) -> None:
         """Normal init with std ``fan_in ** -0.5`` (as ``parity.weights.init_weights``); buffers zeroed."""
         self.router.init_weights()
         self.experts.init_weights()
         if isinstance(self.shared_expert, FeedForward):
             self.shared_expert.init_weights()
+        if self.shared_expert_gate is not None:
+            nn.init.normal_(self.shared_expert_gate.weight, 0.0, self.dim ** -0.5)
         with torch.no_grad():
             self.expert_bias.zero_()
             self.tokens_per_expert.zero_()
@@ -427,9 +451,12 @@ class MoE(nn.Module):
         y_routed = self.experts(x_routed, counts)
         # (8) combine in float32, cast back
         out = self.combine(y_routed, weights, order, inverse).to(x.dtype)
-        # (9) shared expert sees every token
+        # (9) shared expert sees every token (scaled by its sigmoid gate when there is one)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            out = out + shared
         out = out.view(bs, slen, dim)
         if wrap is not None:
             out = DTensor.from_local(out, *wrap)

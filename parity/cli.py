@@ -8,7 +8,7 @@ Subcommands::
     moe-parity presets
     moe-parity init-weights (--preset NAME | --config FILE) --out FILE [--seed 0]
     moe-parity import-hf PATH --layer N --out FILE
-    moe-parity compare A/report.json B/report.json
+    moe-parity compare A B [--factor 10] [--all]   (A, B: report.json files or run --out directories)
 
 Exit status: 0 every check passed, 1 a check failed, 2 bad usage or nothing could run (one line on
 stderr saying why; for weights that do not match the config, the list of offending keys follows).
@@ -16,6 +16,11 @@ Every argument is checked before any backend is built: numbers (tolerances >= 0 
 >= 0, sizes > 0), ``--out`` (a writable directory, or one that can be created), ``--weights`` (a
 float safetensors file without NaN/Inf unless ``--allow-nonfinite``), ``--mesh`` against the config
 (``num_experts % ep == 0``, ``hidden_dim % tp == 0``). Frameworks are imported only when a backend runs.
+
+``run`` keeps JAX's compiled programs in a persistent cache (``parity.backends.jax_backend.default_cache_dir``:
+``$MOE_PARITY_JAX_CACHE``, else ``$XDG_CACHE_HOME/moe-parity/jax``, else ``~/.cache/moe-parity/jax``;
+``--no-compile-cache`` or ``MOE_PARITY_JAX_CACHE=off`` turns it off). Its table fits the terminal
+(``parity.report.Report.rich_table``; compact below 110 columns or with ``--compact``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from parity.config import MoEConfig
 from parity.metrics import DTYPES
 
 PROG = "moe-parity"
+INSTALL_HINT = ('install a framework: pip install "moe-parity[torch]" and/or pip install "moe-parity[jax]" '
+                "(CPU-only PyTorch: pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+EXIT_CODES = ("exit status: 0 every check passed (WARN rows included); 1 a check failed; 2 bad usage, or none "
+              "of the selected backends could run (a SKIP for every one)")
 MESH_RE = re.compile(r"^(ep|tp|etp|dp)=\d+(x(ep|tp|etp|dp)=\d+)*$")
 
 
@@ -384,7 +393,8 @@ def cmd_run(args) -> int:
     if args.json:
         print(report.to_json())
     else:
-        out_console.print(report.rich_table(max_rows=args.max_rows or None, out_path=args.out))
+        out_console.print(report.rich_table(max_rows=args.max_rows or None, out_path=args.out,
+                                            width=out_console.width, compact=args.compact or None))
         for note in report.notes:
             out_console.print("[cyan]note[/] " + escape(note))
         for r in report.routing:
@@ -397,8 +407,8 @@ def cmd_run(args) -> int:
                 for k, c in worst.items())))
         if not report.backends_ran:
             reasons = "; ".join(f"{b['name']}: {b['reason']}" for b in report.backends)
-            err_console.print(escape(f"{PROG}: error: none of the selected backends could run here ({reasons})"),
-                              soft_wrap=True)
+            err_console.print(escape(f"{PROG}: error: none of the selected backends could run here ({reasons}); "
+                                     f"{INSTALL_HINT} (exit status 2)"), soft_wrap=True)
             return 2
         status = "[green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
         out_console.print(f"{status} in {elapsed:.1f} s" + (f"; report in {args.out}" if args.out else ""))
@@ -414,25 +424,30 @@ def cmd_presets(args) -> int:
         print(json.dumps({n: {"config": p.config.to_dict(), "source": p.source, "scaling": p.scaling,
                               "notes": p.notes} for n, p in PRESETS.items()}, indent=2))
         return 0
-    table = Table(title="moe-parity presets", show_lines=True)
-    for col in ("name", "routing", "sizes", "balancing", "source / scaling"):
-        table.add_column(col, overflow="fold")
+    console = _console()
+    # one line per preset: short cells, no wrapping; sources and scaling notes are in --json
+    table = Table(title="moe-parity presets (details: moe-parity presets --json)", box=None, pad_edge=False,
+                  header_style="bold", padding=(0, 1, 0, 0))
+    for col in ("name", "routing", "experts", "dim/hidden", "balancing", "from"):
+        table.add_column(col, no_wrap=col != "from", overflow="fold")
     for p in PRESETS.values():
         c = p.config
-        routing = f"{c.score_func}, top-{c.top_k} of {c.num_experts}"
+        routing = f"{c.score_func} top-{c.top_k}"
         if c.num_expert_groups:
-            routing += f", {c.num_expert_groups} groups keep {c.num_limited_groups} ({c.group_score})"
-        routing += f", norm={c.route_norm}, scale={c.route_scale:g}"
-        routing += ", weights " + ("before" if c.score_before_experts else "after") + " experts"
-        sizes = f"dim {c.dim}, hidden {c.hidden_dim}" + (f", {c.num_shared_experts} shared ({c.shared_dim})"
-                                                          if c.num_shared_experts else "")
+            routing += f", groups {c.num_limited_groups}/{c.num_expert_groups}"
+        routing += (", norm" if c.route_norm else "") + (f", x{c.route_scale:g}" if c.route_scale != 1 else "")
+        routing += ", " + ("before" if c.score_before_experts else "after")
+        experts = f"{c.num_experts}" + (f"+{c.num_shared_experts}sh" if c.num_shared_experts else "")
         bal = ", ".join(filter(None, [
-            "expert bias" if c.use_expert_bias else "",
-            f"{c.load_balance_loss} loss {c.load_balance_coeff:g}" if c.load_balance_loss else "",
-            f"z-loss {c.router_z_loss_coeff:g}" if c.router_z_loss_coeff else ""])) or "-"
-        table.add_row(p.name, routing, sizes, bal,
-                      f"{p.source}\n[dim]{p.scaling}" + (f"; {p.notes}" if p.notes else "") + "[/]")
-    _console().print(table)
+            "bias" if c.use_expert_bias else "",
+            f"{c.load_balance_loss} {c.load_balance_coeff:g}" if c.load_balance_loss else "",
+            f"z {c.router_z_loss_coeff:g}" if c.router_z_loss_coeff else ""])) or "-"
+        source = "moe_torch defaults" if p.name == "default" else p.source.split(" (")[0].rsplit("/", 1)[-1]
+        table.add_row(p.name, routing, experts, f"{c.dim}/{c.hidden_dim}", bal, source)
+    table.caption = ("routing: score function, top-k, groups kept/total, route_norm, route_scale, routing "
+                     "weights before/after the experts; experts: routed + shared")
+    table.caption_justify = "left"
+    console.print(table)
     return 0
 
 
@@ -467,40 +482,68 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def _report_path(path: str) -> str:
+    """A report.json, or a directory written by ``run --out`` (its report.json)."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "report.json")
+        if not os.path.isfile(inner):
+            raise UsageError(f"{path!r} is a directory without report.json (expected a `moe-parity run --out` "
+                             f"directory or a report.json file)")
+        return inner
+    return path
+
+
+def growth_factor_arg(text: str) -> float:
+    """``--factor``: a finite number > 1."""
+    v = _number(text)
+    if not math.isfinite(v) or v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 1")
+    return v
+
+
 def cmd_compare(args) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
-    from parity.report import Report, compare_reports
+    from parity.report import Report, compare_reports, compare_settings
 
     reports = []
     for path in (args.a, args.b):
+        path = _report_path(path)
         try:
             reports.append(Report.load(path))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"cannot read report {path!r}: {exc}".splitlines()[0]) from None
-    rows, regressed = compare_reports(*reports)
-    table = Table(title=f"{args.a} -> {args.b}")
-    for col in ("check", "A", "B", "max abs A", "max abs B", "ULP A", "ULP B"):
-        table.add_column(col)
-    for r in rows:
-        if args.all or r["status_a"] != r["status_b"] or r["max_abs_a"] != r["max_abs_b"]:
-            style = "bold red" if r["id"] in regressed else ""
-            table.add_row(r["id"], r["status_a"], r["status_b"], *(
-                "-" if v is None else (f"{v:.2e}" if isinstance(v, float) else str(v))
-                for v in (r["max_abs_a"], r["max_abs_b"], r["max_ulp_a"], r["max_ulp_b"])), style=style)
+    rows, regressed = compare_reports(*reports, factor=args.factor)
     console = _console()
+    for line in compare_settings(*reports):
+        console.print("[yellow]warning[/] " + escape(line) + " (rows may not be comparable)")
+    table = Table(title=f"{args.a} -> {args.b}")
+    for col in ("check", "A", "B", "max abs A", "max abs B", "ULP A", "ULP B", "tol x"):
+        table.add_column(col, overflow="fold", no_wrap=col != "check")
+    for r in rows:
+        if args.all or r["status_a"] != r["status_b"] or r["max_abs_a"] != r["max_abs_b"] or r["regressed"]:
+            style = "bold red" if r["regressed"] else ""
+            growth = "-" if r["growth"] is None else f"{r['growth']:.3g}"
+            table.add_row(escape(r["id"]), r["status_a"], r["status_b"], *(
+                "-" if v is None else (f"{v:.2e}" if isinstance(v, float) else str(v))
+                for v in (r["max_abs_a"], r["max_abs_b"], r["ulp_a"], r["ulp_b"])), growth, style=style)
     console.print(table)
-    console.print(f"{len(regressed)} regression(s)" + (": " + ", ".join(regressed) if regressed else ""))
+    console.print(f"ULP: error in ULPs at the tensor's scale, as in `run`; tol x: B's tolerance ratio / A's. "
+                  f"A regression is a check that passed (or warned) in A and fails in B, or whose tolerance "
+                  f"ratio grew more than --factor {args.factor:g} times and is above 1/{args.factor:g} in B.")
+    console.print(f"{len(regressed)} regression(s)" + (": " + escape(", ".join(regressed)) if regressed else ""))
     return 1 if regressed else 0
 
 
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Check that the PyTorch and JAX MoE layers agree with each other "
-                                        "and with a float64 NumPy reference.")
+                                        "and with a float64 NumPy reference.", epilog=EXIT_CODES)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
-    r = sub.add_parser("run", help="run the parity checks (default: preset 'default' on every backend)")
+    r = sub.add_parser("run", help="run the parity checks (default: preset 'default' on every backend)",
+                       epilog=EXIT_CODES)
     r.add_argument("--preset", help="a preset name (see `moe-parity presets`); default 'default'")
     r.add_argument("--config", help="TOML or JSON file of MoEConfig fields")
     r.add_argument("--hf", metavar="PATH", help="a Hugging Face checkpoint directory (needs parity.hf)")
@@ -531,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
     r.add_argument("--max-rows", type=non_negative_int, default=None, help="terminal table rows (default all; 0 all)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--compact", action="store_true",
+                   help="the narrow table (backend and reference in one column, no cosine); the default "
+                        "below 110 columns")
     r.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep JAX's compiled programs between runs (default: kept in "
                         "$MOE_PARITY_JAX_CACHE, else $XDG_CACHE_HOME/moe-parity/jax, else ~/.cache/moe-parity/jax; "
@@ -554,9 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
     ih.add_argument("--out", required=True)
     ih.set_defaults(func=cmd_import_hf)
 
-    cp = sub.add_parser("compare", help="compare two report.json files (exit 1 on a regression)")
-    cp.add_argument("a")
-    cp.add_argument("b")
+    cp = sub.add_parser("compare", help="compare two reports (report.json or a run --out directory; exit 1 on "
+                                         "a regression: a check that passed and now fails, or error growth "
+                                         "beyond --factor)")
+    cp.add_argument("a", help="the earlier report: report.json or the directory holding it")
+    cp.add_argument("b", help="the later report")
+    cp.add_argument("--factor", type=growth_factor_arg, default=10.0,
+                    help="tolerance-ratio growth counted as a regression (default 10; a finite number > 1)")
     cp.add_argument("--all", action="store_true", help="show unchanged rows too")
     cp.set_defaults(func=cmd_compare)
     return p

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -20,13 +21,23 @@ JAX_KERNELS = ("auto", "ragged_dot", "blocked", "dense")
 EXPERT_KERNELS = tuple(dict.fromkeys(TORCH_KERNELS + JAX_KERNELS))
 
 
+def _is_int(value: Any) -> bool:
+    """An integer (Python or NumPy, any ``numbers.Integral``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number (Python or NumPy, any ``numbers.Real``), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_int(value) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
 def _non_negative_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}={value!r} must be a finite number >= 0")
 
 
@@ -57,7 +68,7 @@ def validate_routing(
     _one_of("score_func", score_func, SCORE_FUNCS)
     _one_of("group_score", group_score, GROUP_SCORES)
     _one_of("route_order", route_order, ROUTE_ORDERS)
-    if isinstance(route_scale, bool) or not isinstance(route_scale, (int, float)) or not math.isfinite(route_scale) or route_scale <= 0:
+    if not _is_real(route_scale) or not math.isfinite(route_scale) or route_scale <= 0:
         raise ValueError(f"route_scale={route_scale!r} must be a finite number > 0")
     if num_expert_groups is None:
         if num_limited_groups is not None:
@@ -90,6 +101,11 @@ def validate_routing(
             f"top_k={top_k} exceeds the {num_limited_groups * per_group} experts held by the "
             f"num_limited_groups={num_limited_groups} kept groups of {per_group} experts each"
         )
+
+
+_INT_FIELDS = ("dim", "hidden_dim", "num_experts", "top_k", "num_expert_groups", "num_limited_groups",
+               "num_shared_experts", "shared_hidden_dim")
+_FLOAT_FIELDS = ("route_scale", "load_balance_coeff", "router_z_loss_coeff")
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,7 @@ class MoEConfig:
     score_before_experts: bool = True
     num_shared_experts: int = 0
     shared_hidden_dim: int | None = None
+    shared_expert_gate: bool = False
     expert_kernel: str = "auto"
     # balancing
     use_expert_bias: bool = False
@@ -134,6 +151,14 @@ class MoEConfig:
     router_z_loss_coeff: float = 0.0
 
     def __post_init__(self) -> None:
+        # NumPy scalars (np.int64(4), np.float32(2.5)) are valid values, stored as Python int / float
+        # so that a config stays hashable, comparable and JSON-serialisable
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _INT_FIELDS and _is_int(value) and type(value) is not int:
+                object.__setattr__(self, f.name, int(value))
+            elif f.name in _FLOAT_FIELDS and _is_real(value) and type(value) not in (int, float):
+                object.__setattr__(self, f.name, float(value))
         _positive_int("dim", self.dim)
         _positive_int("hidden_dim", self.hidden_dim)
         validate_routing(
@@ -146,10 +171,12 @@ class MoEConfig:
             group_score=self.group_score,
             route_order=self.route_order,
         )
-        for name in ("route_norm", "score_before_experts", "use_expert_bias"):
+        for name in ("route_norm", "score_before_experts", "use_expert_bias", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate=True needs a shared expert to scale (got num_shared_experts=0)")
+        if not _is_int(self.num_shared_experts) or self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts={self.num_shared_experts!r} must be an integer >= 0")
         if self.shared_hidden_dim is not None:
             _positive_int("shared_hidden_dim", self.shared_hidden_dim)
@@ -259,3 +286,43 @@ def layer_config(*, load_balance_coeff: float | None = None, load_balance_loss: 
     if load_balance_coeff is not None:
         options["load_balance_coeff"] = load_balance_coeff
     return MoEConfig(**options)
+
+
+# ------------------------------------------------------------------------------ canonical weights
+class StateDictError(ValueError):
+    """Canonical weights that do not fit a module (DESIGN.md, "Canonical weights"): one error listing
+    every missing, unexpected, mis-shaped or non-float key with the expected and the given shape,
+    and every finite value that a cast to the module's dtype would turn into an infinity.
+
+    The same class and message in ``moe_torch`` (``MoE.load_state_dict``) and ``moe_jax``
+    (``moe_jax.load_state_dict``): both build it with ``check_state_dict``.
+    """
+
+
+def check_state_dict(owner: str, expected: dict[str, tuple[int, ...]], given: dict[str, tuple[tuple[int, ...], str, bool]],
+                     *, strict: bool = True, overflows: dict[str, tuple[int, str, str]] | None = None) -> None:
+    """Raise one ``StateDictError`` for everything wrong with ``given`` (nothing when all fits).
+
+    expected: canonical name -> shape the module holds; given: name -> (shape, dtype name, is a
+    floating-point dtype); overflows: name -> (count of finite values that become +-inf, source
+    dtype name, target dtype name). ``strict=False`` tolerates missing keys only.
+    """
+    problems = []
+    for name, shape in expected.items():
+        if name not in given:
+            if strict:
+                problems.append(f"missing {name!r} (expected shape {list(shape)})")
+            continue
+        got, dtype, is_float = given[name]
+        if tuple(got) != tuple(shape):
+            problems.append(f"{name!r} has shape {list(got)}, expected {list(shape)}")
+        if not is_float:
+            problems.append(f"{name!r} has dtype {dtype}, expected a floating-point array")
+    for name, (got, _, _) in given.items():
+        if name not in expected:
+            problems.append(f"unexpected {name!r} (shape {list(got)}); expected keys: {sorted(expected)}")
+    for name, (count, src, dst) in (overflows or {}).items():
+        if count:
+            problems.append(f"{name!r}: {count} finite value(s) overflow to infinity when cast from {src} to {dst}")
+    if problems:
+        raise StateDictError(f"canonical weights do not fit {owner}:\n  " + "\n  ".join(problems))

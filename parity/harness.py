@@ -278,6 +278,8 @@ class _Run:
         self.report.add(check)
         finite = np.isfinite(a) & np.isfinite(e)  # the histograms show the measured errors only
         self.report.errors[cid] = np.abs(a[finite] - e[finite]).ravel()
+        emax = float(np.abs(e[finite]).max(initial=0.0))
+        self.report.limits[cid] = tol["atol"] * max(1.0, emax) + tol["rtol"] * emax  # see parity.metrics.compare
         return check
 
     # ---- stages ----------------------------------------------------------------------------------
@@ -287,6 +289,16 @@ class _Run:
         self.ref_out, self.ref_aux = reference_forward(self.w, self.x, cfg)
         self.progress.advance("float64 reference")
         self.margins = selection_margins(cfg, self.ref_aux["scores"], self.w["expert_bias"])
+        s = self.s
+        self.cot = round_to(objective_cotangent(self.x.shape, s.seed), s.dtype)
+        self.xs = [round_to(x, s.dtype) for x in step_inputs(cfg, s.batch, s.seq_len, s.seed, s.steps)]
+        if s.grads and not s.lock_routing:  # locked runs use a choice only known after the forwards
+            for r in self.active:
+                try:  # a failure shows again, as a FAIL row, in the call that needs the result
+                    r.plan(cfg, self.w, self.x, s.dtype, self.cot, np.asarray(self.ref_aux["selected_experts"]),
+                           self.xs if "bias" in r.capabilities else [], s.bias_lr)
+                except Exception:
+                    pass
         self.forward_stage()
         if self.s.grads:
             self.grad_stage()
@@ -360,8 +372,7 @@ class _Run:
             self.report.add(Check(
                 id=f"routing/selected_experts/{name}~{against}", kind="routing", tensor="selected_experts",
                 backend=name, against=against, dtype="int64", status=status, numel=int(ia.size),
-                masked_tokens=int(len(diverged)),
-                max_abs=float(len(diverged)), note="; ".join(filter(None, [finding.summary(), note]))))
+                masked_tokens=int(len(diverged)), note="; ".join(filter(None, [finding.summary(), note]))))
         keep = np.setdiff1d(np.arange(n_tok), diverged)
         for key in FORWARD_KEYS:
             if key == "selected_experts" or key not in expected:
@@ -405,8 +416,8 @@ class _Run:
         return diverged
 
     def grad_stage(self) -> None:
-        cfg, dtype, s = self.cfg, self.s.dtype, self.s
-        cot = round_to(objective_cotangent(self.x.shape, s.seed), dtype)
+        cfg, dtype = self.cfg, self.s.dtype
+        cot = self.cot
         idx64 = self.lock_idx if self.lock_idx is not None else np.asarray(self.ref_aux["selected_experts"])
         grads, grads64 = {}, {}
         for r in self.active:
@@ -449,7 +460,7 @@ class _Run:
 
     def bias_stage(self) -> None:
         cfg, s = self.cfg, self.s
-        xs = [round_to(x, s.dtype) for x in step_inputs(cfg, s.batch, s.seq_len, s.seed, s.steps)]
+        xs = self.xs
         # the reference trajectory
         bias = np.asarray(self.w["expert_bias"], np.float32)
         ref_counts, ref_bias, ref_idx, ref_margins = [], [], [], []

@@ -85,14 +85,50 @@ class MeshRunner(Runner):
             t.put(key, value, result["dtypes"].get(f"{part}/{key}", str(value.dtype)))
         return t
 
+    @staticmethod
+    def _key(kind, cfg, weights, x, dtype, selected_experts=None, cotangent=None, xs=(), lr=None) -> tuple:
+        """What a call's result depends on (arrays by their bytes)."""
+        def b(a):
+            return None if a is None else (np.shape(a), np.asarray(a).tobytes())
+        return (kind, cfg, tuple(sorted((k, b(v)) for k, v in weights.items())), b(x), dtype,
+                b(selected_experts), b(cotangent), tuple(b(v) for v in xs), lr)
+
+    def plan(self, cfg: MoEConfig, weights, x, dtype, cotangent, grad64_selected, xs, lr) -> None:
+        """Run the calls a harness run will make in one start of the worker processes (their start-up,
+        imports and compilation paid once instead of three times), keeping the results for ``forward``,
+        ``grad`` and ``bias_steps``: the free-routing forward and gradient in ``dtype`` (one job: the
+        forward does not depend on the cotangent), the float64 gradient with ``grad64_selected`` and
+        the ``xs`` bias steps. A later call with other arguments (locked routing) runs as before."""
+        jobs = [("fwd+grad", self._job(cfg, weights, x, dtype, cotangent))]
+        if dtype != "float64":
+            jobs.append(("grad64", self._job(cfg, weights, x, "float64", cotangent, grad64_selected)))
+        if xs:
+            jobs.append(("bias", self._job(cfg, weights, xs[0], dtype, xs=xs, lr=lr)))
+        results = self._run([job for _, job in jobs])
+        done = dict(zip((name for name, _ in jobs), results, strict=True))
+        self._planned = {self._key("forward", cfg, weights, x, dtype): done["fwd+grad"],
+                         self._key("grad", cfg, weights, x, dtype, None, cotangent): done["fwd+grad"]}
+        if "grad64" in done:
+            self._planned[self._key("grad", cfg, weights, x, "float64", grad64_selected, cotangent)] = done["grad64"]
+        if "bias" in done:
+            self._planned[self._key("bias", cfg, weights, None, dtype, xs=xs, lr=lr)] = done["bias"]
+
+    def _take(self, key) -> dict | None:
+        return getattr(self, "_planned", {}).pop(key, None)
+
     def forward(self, cfg: MoEConfig, weights, x, dtype, selected_experts=None) -> Tensors:
-        return self._tensors(self._run([self._job(cfg, weights, x, dtype, selected_experts=selected_experts)])[0],
-                             "forward")
+        result = self._take(self._key("forward", cfg, weights, x, dtype, selected_experts))
+        if result is None:
+            result = self._run([self._job(cfg, weights, x, dtype, selected_experts=selected_experts)])[0]
+        return self._tensors(result, "forward")
 
     def grad(self, cfg: MoEConfig, weights, x, dtype, cotangent, selected_experts=None) -> Tensors:
         key = (cfg, tuple(sorted((k, np.asarray(v).tobytes()) for k, v in weights.items())),
                np.asarray(x).tobytes(), np.asarray(cotangent).tobytes(),
                None if selected_experts is None else np.asarray(selected_experts).tobytes())
+        planned = self._take(self._key("grad", cfg, weights, x, dtype, selected_experts, cotangent))
+        if planned is not None:
+            return self._tensors(planned, "grad")
         if dtype == "float64" and self._grad64 is not None and self._grad64[0] == key:
             return self._grad64[1]
         dtypes = [dtype] if dtype == "float64" else [dtype, "float64"]
@@ -104,7 +140,9 @@ class MeshRunner(Runner):
         return grads[0]
 
     def bias_steps(self, cfg: MoEConfig, weights, xs: Sequence[np.ndarray], dtype, lr) -> list[Tensors]:
-        result = self._run([self._job(cfg, weights, xs[0], dtype, xs=xs, lr=lr)])[0]
+        result = self._take(self._key("bias", cfg, weights, None, dtype, xs=xs, lr=lr))
+        if result is None:
+            result = self._run([self._job(cfg, weights, xs[0], dtype, xs=xs, lr=lr)])[0]
         disagree = {k: v for k, v in result["rank_spread"].items() if k.startswith("bias/") and v != 0}
         if disagree:
             raise RuntimeError(f"{self.name}: shards end with different expert_bias: {disagree}")

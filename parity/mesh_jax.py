@@ -251,10 +251,15 @@ def _job(meta: dict, arrays: dict) -> tuple[dict, dict, dict]:
     moe = build_moe(cfg, weights, dtype)
     moe.eval()
     shard_moe(moe, mesh, ep_axis, tp_axis)
-    sel = jax.device_put(arrays["sel"].astype(np.int32)) if "sel" in arrays else None
+    sel = None
+    if "sel" in arrays:
+        if arrays["sel"].size and (arrays["sel"].min() < 0 or arrays["sel"].max() >= cfg.num_experts):
+            raise ValueError(f"selected_experts holds values in [{arrays['sel'].min()}, {arrays['sel'].max()}]; "
+                             f"expected expert indices in [0, num_experts={cfg.num_experts})")
+        sel = jax.device_put(arrays["sel"].astype(np.int32))
     cot = jax.device_put(np.asarray(arrays["cot"], np.dtype(acc)))
 
-    def objective(module, x):
+    def objective(module, x, sel, cot):
         o, aux = sharded_call(module, x, mesh, ep_axis=ep_axis, tp_axis=tp_axis, return_aux=True,
                               selected_experts=sel)
         loss = (o.astype(acc) * cot).sum()
@@ -263,9 +268,10 @@ def _job(meta: dict, arrays: dict) -> tuple[dict, dict, dict]:
                 loss = loss + aux[key].astype(acc)
         return loss, (o, aux)
 
-    # one compiled program for the forward and both gradients (op by op, every operation compiled apart)
+    # one compiled program for the forward and both gradients (op by op, every operation compiled apart);
+    # sel and cot are arguments, not constants: MoE checks a concrete sel's values, which jit cannot
     (_, (o, aux)), (g_module, g_x) = nnx.jit(nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True))(
-        moe, as_x(arrays["x"]))
+        moe, as_x(arrays["x"]), sel, cot)
     put("forward/out", o)
     for key, value in aux.items():
         put(f"forward/{key}", value)

@@ -52,41 +52,100 @@ def error_series(report, kinds=("forward", "grad"), against: str | None = None) 
     return out
 
 
+#: line styles and markers cycled over the curves of one panel, so that equal curves stay visible
+_STYLES = [("-", "o", 2.6), ("--", "s", 1.9), (":", "^", 1.6), ("-.", "D", 1.3)]
+
+
+def run_label(report) -> str:
+    """"preset default, float32" from a report's settings ("" for plain data)."""
+    settings = getattr(report, "settings", None) or {}
+    parts = [f"preset {settings['preset']}" if settings.get("preset") else "", settings.get("dtype") or ""]
+    return ", ".join(p for p in parts if p)
+
+
+def error_tolerances(report, kinds=("forward", "grad"), against: str | None = None) -> dict[str, float]:
+    """tensor label (as ``error_series``) -> the error its rows allow at the tensor's largest
+    ``|expected|`` (``atol * max(1, max|e|) + rtol * max|e|``; the smallest over the plotted rows). An
+    element of smaller magnitude is allowed less (``rtol * |e|``), so the mark is an upper bound."""
+    series = error_series(report, kinds, against)
+    out: dict[str, float] = {}
+    limits = getattr(report, "limits", {})
+    for c in getattr(report, "checks", []):
+        key = f"{c.kind}: {c.tensor}"
+        if key in series and f"{c.backend} vs {c.against}" in series[key] and c.id in limits and limits[c.id] > 0:
+            out[key] = min(out.get(key, math.inf), limits[c.id])
+    return out
+
+
 def plot_error_histograms(report_or_series, kinds=("forward", "grad"), against: str | None = None,
-                          bins: int = 40, ncols: int = 3):
+                          bins: int = 40, ncols: int = 3, tolerances: Mapping[str, float] | None = None,
+                          title: str | None = None):
     """One panel per tensor: histogram of log10 |error| per (backend, against) pair.
 
     ``report_or_series``: a ``Report`` from ``run_parity`` (its in-memory errors; a report read back
     from JSON has none) or a mapping tensor -> {label: errors}. Exact zeros are drawn at 1e-20;
-    NaN/Inf errors are left out.
+    NaN/Inf errors are left out. Curves differ in line style and marker (equal curves stay visible);
+    a panel whose series hold one element each (a loss) is a dot per pair instead of a histogram.
+    ``tolerances``: tensor -> allowed error, a red dashed line (default: ``error_tolerances``).
+    ``title``: default "elementwise errors" with the report's preset and dtype.
     """
-    series = report_or_series if isinstance(report_or_series, Mapping) else error_series(
-        report_or_series, kinds, against)
+    is_report = not isinstance(report_or_series, Mapping)
+    series = error_series(report_or_series, kinds, against) if is_report else report_or_series
     if not series:
         raise ValueError("no elementwise errors to plot (a report read from JSON keeps only summaries)")
+    if tolerances is None:
+        tolerances = error_tolerances(report_or_series, kinds, against) if is_report else {}
     fig, axes = _figure(len(series), ncols)
     for ax, (tensor, by_label) in zip(axes, sorted(series.items()), strict=False):
         # NaN/Inf errors are no magnitude to bin (the report counts them in each row's ``nonfinite``)
         logs = {lab: np.log10(np.maximum(np.asarray(e, np.float64)[np.isfinite(e)], 1e-20))
-                for lab, e in by_label.items()}
-        lo = min(v.min() for v in logs.values() if v.size) if any(v.size for v in logs.values()) else -20
-        hi = max(v.max() for v in logs.values() if v.size) if any(v.size for v in logs.values()) else 0
-        edges = np.linspace(lo - 0.5, hi + 0.5, bins + 1)
-        for lab, v in sorted(logs.items()):
-            ax.hist(v, bins=edges, histtype="step", label=lab, linewidth=1.3)
+                for lab, e in sorted(by_label.items())}
+        tol = tolerances.get(tensor)
+        if all(v.size <= 1 for v in logs.values()):  # scalars: one dot per pair, not 1-element histograms
+            labels = list(logs)
+            values = [v[0] if v.size else np.nan for v in logs.values()]
+            for i, (lab, v) in enumerate(zip(labels, values, strict=True)):
+                style = _STYLES[i % len(_STYLES)]
+                ax.plot([v], [i], marker=style[1], linestyle="none", markersize=7, label=lab)
+            ax.set_yticks(range(len(labels)), labels, fontsize=6)
+            ax.set_ylim(-0.7, len(labels) - 0.3)
+            ax.set_ylabel("")
+        else:
+            finite = [v for v in logs.values() if v.size]
+            lo = min(v.min() for v in finite) if finite else -20
+            hi = max(v.max() for v in finite) if finite else 0
+            if tol:
+                lo, hi = min(lo, math.log10(tol)), max(hi, math.log10(tol))
+            edges = np.linspace(lo - 0.5, hi + 0.5, bins + 1)
+            centres = (edges[:-1] + edges[1:]) / 2
+            for i, (lab, v) in enumerate(logs.items()):
+                linestyle, marker, width = _STYLES[i % len(_STYLES)]
+                counts, _ = np.histogram(v, bins=edges)
+                ax.step(centres, counts, where="mid", linestyle=linestyle, linewidth=width, label=lab, alpha=0.85)
+                nz = counts > 0
+                ax.plot(centres[nz], counts[nz], linestyle="none", marker=marker, markersize=3.5,
+                        color=ax.lines[-1].get_color(), alpha=0.85)
+            ax.set_ylabel("elements")
+            ax.legend(fontsize=6)
+        if tol:
+            ax.axvline(math.log10(tol), color="red", linestyle="--", linewidth=1.0)
+            ax.text(math.log10(tol), 0.98, f" tolerance\n {tol:.1e}", color="red", fontsize=6, va="top",
+                    transform=ax.get_xaxis_transform())
         ax.set_title(tensor, fontsize=9)
-        ax.set_xlabel("log10 |error|")
-        ax.set_ylabel("elements")
-        ax.legend(fontsize=6)
-    fig.suptitle("elementwise errors (1e-20 = exact)")
+        ax.set_xlabel("log10 |error|  (-20 = exact)")
+    label = run_label(report_or_series)
+    fig.suptitle(title or ("elementwise errors" + (f" ({label})" if label else "")))
     return fig
 
 
-def plot_expert_load(load, title: str = "tokens per expert"):
-    """Grouped bars: tokens routed to each expert, one bar per backend.
+def plot_expert_load(load, title: str | None = None):
+    """Grouped bars: tokens routed to each expert, one bar per backend (distinct hatches).
 
-    ``load``: a ``Report`` (its ``expert_load``) or a mapping backend -> counts ``[E]``.
+    ``load``: a ``Report`` (its ``expert_load``; the title then names its preset and dtype) or a
+    mapping backend -> counts ``[E]``.
     """
+    label = run_label(load)
+    title = title or ("tokens per expert" + (f" ({label})" if label else ""))
     load = getattr(load, "expert_load", load)
     if not load:
         raise ValueError("no expert load to plot")
@@ -95,8 +154,10 @@ def plot_expert_load(load, title: str = "tokens per expert"):
     e = counts.shape[1]
     fig, (ax,) = _figure(1, 1, panel=(max(5.0, 0.25 * e * len(names) ** 0.5), 3.2))
     width = 0.8 / len(names)
+    hatches = ["", "//", "..", "xx", "\\\\", "++"]
     for i, name in enumerate(names):
-        ax.bar(np.arange(e) + (i - (len(names) - 1) / 2) * width, counts[i], width, label=name)
+        ax.bar(np.arange(e) + (i - (len(names) - 1) / 2) * width, counts[i], width, label=name,
+               hatch=hatches[i % len(hatches)], edgecolor="black", linewidth=0.3)
     ax.set_xlabel("expert")
     ax.set_ylabel("tokens")
     ax.set_title(title)
@@ -104,24 +165,43 @@ def plot_expert_load(load, title: str = "tokens per expert"):
     return fig
 
 
-def plot_bias_trajectory(trajectory, title: str = "expert_bias after each update"):
-    """``expert_bias`` per step: one panel per backend, one line per expert.
+def plot_bias_trajectory(trajectory, title: str | None = None):
+    """``expert_bias`` per step as a heatmap, experts x update steps, one panel per backend; the colour
+    is each expert's change since its value after the first update (the lr-sized steps stay visible).
 
-    ``trajectory``: a ``Report`` (its ``bias_trajectory``) or a mapping backend -> ``[steps, E]``.
+    ``trajectory``: a ``Report`` (its ``bias_trajectory``; the title then names preset and dtype) or a
+    mapping backend -> ``[steps, E]``. Every panel shares one colour scale (the colour bar); a
+    panel's title says whether it equals the "reference" trajectory bit for bit, or by how much it
+    differs.
     """
+    label = run_label(trajectory)
+    title = title or ("expert_bias after each update" + (f" ({label})" if label else ""))
     trajectory = getattr(trajectory, "bias_trajectory", trajectory)
     if not trajectory:
         raise ValueError("no bias trajectory to plot")
-    fig, axes = _figure(len(trajectory), 3)
-    for ax, (name, steps) in zip(axes, trajectory.items(), strict=False):
-        arr = np.asarray(steps, np.float64)
-        # NOTE: the steps are lr-sized (1e-3) against a bias that may spread far wider, so each expert's
-        # line is drawn relative to its value after the first update: the updates stay visible.
-        ax.plot(np.arange(1, arr.shape[0] + 1), arr - arr[:1], linewidth=0.8, marker=".")
+    arrays = {name: np.asarray(steps, np.float64).reshape(len(steps), -1) for name, steps in trajectory.items()}
+    reference = arrays.get("reference")
+    # NOTE: the steps are lr-sized (1e-3) against a bias that may spread far wider, so the colour is each
+    # expert's change since its value after the first update: the updates stay visible.
+    moved = {name: a - a[:1] for name, a in arrays.items()}
+    vmax = max(float(np.abs(a).max(initial=0.0)) for a in moved.values()) or 1.0
+    fig, axes = _figure(len(arrays), 3, panel=(4.0, 3.2))
+    image = None
+    for ax, (name, arr) in zip(axes, arrays.items(), strict=False):
+        steps, experts = arr.shape
+        image = ax.imshow(moved[name].T, aspect="auto", origin="lower", cmap="coolwarm", vmin=-vmax, vmax=vmax,
+                          extent=(0.5, steps + 0.5, -0.5, experts - 0.5), interpolation="nearest")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(name, fontsize=9)
+        ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("update step")
-        ax.set_ylabel("expert_bias - its value at step 1", fontsize=8)
+        ax.set_ylabel("expert")
+        same = ""
+        if reference is not None and name != "reference" and reference.shape == arr.shape:
+            diff = float(np.abs(arr - reference).max(initial=0.0))
+            same = "\n= reference, bit for bit" if diff == 0 else f"\nmax |diff| vs reference {diff:.2e}"
+        ax.set_title(name + same, fontsize=9)
+    fig.colorbar(image, ax=[ax for ax in axes if ax.get_visible()], label="expert_bias - its value after step 1",
+                 shrink=0.9)
     fig.suptitle(title)
     return fig
 

@@ -18,6 +18,11 @@ Sources (``config.json`` of the named Hugging Face repositories):
   topk_method "noaux_tc" (group score = sum of the two best biased scores), norm_topk_prob True,
   routed_scaling_factor 2.5, n_shared_experts 1, e_score_correction_bias (the expert bias),
   aux_loss_alpha 0.001 with seq_aux True (sequence-wise balance loss).
+- DeepSeek-V2 (deepseek-ai/DeepSeek-V2): hidden_size 5120, moe_intermediate_size 1536,
+  n_routed_experts 160, num_experts_per_tok 6, n_shared_experts 2, scoring_func "softmax",
+  topk_method "group_limited_greedy" (group score = max), n_group 8, topk_group 3,
+  routed_scaling_factor 16.0, norm_topk_prob False; expert-level balance factor 0.003
+  (arXiv:2405.04434 sec. 4.1).
 - DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): hidden_size 2048, moe_intermediate_size 1408,
   n_routed_experts 64, num_experts_per_tok 6, n_shared_experts 2, scoring_func "softmax",
   norm_topk_prob False, routed_scaling_factor 1.0, aux_loss_alpha 0.001, seq_aux True. V2-Lite itself
@@ -29,6 +34,21 @@ Sources (``config.json`` of the named Hugging Face repositories):
 - OLMoE (allenai/OLMoE-1B-7B-0924): hidden_size 2048, intermediate_size 1024, num_experts 64,
   num_experts_per_tok 8, softmax, norm_topk_prob False, router_aux_loss_coef 0.01,
   router_z_loss_coef 0.001.
+- Qwen2-MoE (Qwen/Qwen1.5-MoE-A2.7B): hidden_size 2048, moe_intermediate_size 1408,
+  shared_expert_intermediate_size 5632, num_experts 60, num_experts_per_tok 4, softmax,
+  norm_topk_prob False, a sigmoid shared_expert_gate, router_aux_loss_coef 0.001.
+- Qwen3-Next (Qwen/Qwen3-Next-80B-A3B-Instruct): hidden_size 2048, moe_intermediate_size 512,
+  shared_expert_intermediate_size 512, num_experts 512, num_experts_per_tok 10, softmax,
+  norm_topk_prob True, a sigmoid shared_expert_gate, router_aux_loss_coef 0.001.
+- GLM-4.5 (zai-org/GLM-4.5): hidden_size 5120, moe_intermediate_size 1536, n_routed_experts 160,
+  num_experts_per_tok 8, n_shared_experts 1, n_group 1, topk_group 1, norm_topk_prob True,
+  routed_scaling_factor 2.5, e_score_correction_bias; DeepSeek-V3's router (``parity.hf.glm4_moe``).
+- dots.llm1 (rednote-hilab/dots.llm1.base, arXiv:2506.05767): hidden_size 4096,
+  moe_intermediate_size 1408, n_routed_experts 128, num_experts_per_tok 6, n_shared_experts 2,
+  n_group 1, norm_topk_prob True, routed_scaling_factor 2.5, e_score_correction_bias.
+- Kimi K2 (moonshotai/Kimi-K2-Instruct): DeepSeek-V3's architecture with hidden_size 7168,
+  moe_intermediate_size 2048, n_routed_experts 384, num_experts_per_tok 8, n_shared_experts 1,
+  n_group 1, topk_group 1, norm_topk_prob True, routed_scaling_factor 2.827.
 """
 
 from __future__ import annotations
@@ -85,6 +105,19 @@ PRESETS: dict[str, Preset] = {
             "route_norm divides by sum + 1e-20 (HF adds 1e-20 too)",
         ),
         Preset(
+            "deepseek-v2",
+            MoEConfig(dim=64, hidden_dim=20, num_experts=160, top_k=6, score_func="softmax",
+                      route_norm=False, route_scale=16.0, num_expert_groups=8, num_limited_groups=3,
+                      group_score="max", score_before_experts=False, num_shared_experts=2,
+                      load_balance_loss="sequence", load_balance_coeff=0.003),
+            "deepseek-ai/DeepSeek-V2",
+            "dim 5120 -> 64, moe hidden 1536 -> 20 (ratio ~3.3 kept); 160 experts top-6, 8 groups keep 3, "
+            "2 shared experts kept",
+            "transformers fills the dropped groups' scores with 0 where DESIGN uses -inf: the same "
+            "experts and weights (softmax scores are > 0); the device- and communication-balance losses "
+            "of the paper are not modelled",
+        ),
+        Preset(
             "deepseek-v2-lite",
             MoEConfig(dim=64, hidden_dim=48, num_experts=32, top_k=6, score_func="softmax",
                       route_norm=False, route_scale=1.0, num_expert_groups=8, num_limited_groups=3,
@@ -111,6 +144,55 @@ PRESETS: dict[str, Preset] = {
             "allenai/OLMoE-1B-7B-0924",
             "dim 2048 -> 64, hidden 1024 -> 32; 64 experts top-8 kept",
             "no renormalisation of the top-8 weights (norm_topk_prob False)",
+        ),
+        Preset(
+            "qwen2-moe",
+            MoEConfig(dim=64, hidden_dim=44, num_experts=60, top_k=4, score_func="softmax",
+                      route_norm=False, score_before_experts=False, num_shared_experts=1,
+                      shared_hidden_dim=176, shared_expert_gate=True,
+                      load_balance_loss="switch", load_balance_coeff=0.001),
+            "Qwen/Qwen1.5-MoE-A2.7B",
+            "dim 2048 -> 64, moe hidden 1408 -> 44, shared hidden 5632 -> 176 (ratios kept); 60 experts "
+            "top-4 kept",
+            "the shared expert is scaled per token by sigmoid(shared_expert_gate(x))",
+        ),
+        Preset(
+            "qwen3-next",
+            MoEConfig(dim=64, hidden_dim=16, num_experts=128, top_k=10, score_func="softmax",
+                      route_norm=True, score_before_experts=False, num_shared_experts=1,
+                      shared_hidden_dim=16, shared_expert_gate=True,
+                      load_balance_loss="switch", load_balance_coeff=0.001),
+            "Qwen/Qwen3-Next-80B-A3B-Instruct",
+            "dim 2048 -> 64, moe and shared hidden 512 -> 16 (ratio kept), 512 -> 128 experts; top-10 kept",
+            "the shared expert is scaled per token by sigmoid(shared_expert_gate(x))",
+        ),
+        Preset(
+            "glm-4.5",
+            MoEConfig(dim=64, hidden_dim=20, num_experts=160, top_k=8, score_func="sigmoid",
+                      route_norm=True, route_scale=2.5, use_expert_bias=True, score_before_experts=False,
+                      num_shared_experts=1),
+            "zai-org/GLM-4.5",
+            "dim 5120 -> 64, moe hidden 1536 -> 20 (ratio ~3.3 kept); 160 experts top-8, 1 shared kept",
+            "DeepSeek-V3's router without groups (n_group 1); balancing by the expert bias only",
+        ),
+        Preset(
+            "dots-llm1",
+            MoEConfig(dim=64, hidden_dim=22, num_experts=128, top_k=6, score_func="sigmoid",
+                      route_norm=True, route_scale=2.5, use_expert_bias=True, score_before_experts=False,
+                      num_shared_experts=2),
+            "rednote-hilab/dots.llm1.base",
+            "dim 4096 -> 64, moe hidden 1408 -> 22 (ratio ~2.9 kept); 128 experts top-6, 2 shared kept",
+            "DeepSeek-V3's router without groups (n_group 1); balancing by the expert bias only",
+        ),
+        Preset(
+            "kimi-k2",
+            MoEConfig(dim=64, hidden_dim=18, num_experts=48, top_k=8, score_func="sigmoid",
+                      route_norm=True, route_scale=2.827, use_expert_bias=True, score_before_experts=False,
+                      num_shared_experts=1),
+            "moonshotai/Kimi-K2-Instruct",
+            "dim 7168 -> 64, moe hidden 2048 -> 18 (ratio 3.5 kept), 384 -> 48 experts; top-8, 1 shared kept",
+            "DeepSeek-V3's router without groups (n_group 1, topk_group 1); its config.json declares "
+            "model_type 'kimi_k2' (custom code), read by parity.hf as DeepSeek-V3",
         ),
     )
 }

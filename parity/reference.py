@@ -158,6 +158,16 @@ def experts_forward(
     return out
 
 
+def shared_experts(x: np.ndarray, weights: Mapping[str, np.ndarray], cfg: MoEConfig) -> np.ndarray:
+    """Step 9: the shared SwiGLU expert on every token, x [N, D] -> [N, D]; with
+    ``cfg.shared_expert_gate`` scaled per token by ``sigmoid(x @ shared_expert_gate.weight.T)`` ([1, D]
+    weight: Qwen2-MoE's ``shared_expert_gate``, a Linear D -> 1)."""
+    y = feed_forward(x, *(_f64(weights[f"shared_expert.{n}.weight"]) for n in ("w1", "w2", "w3")))
+    if cfg.shared_expert_gate:
+        y = sigmoid(x @ _f64(weights["shared_expert_gate.weight"]).T) * y
+    return y
+
+
 def load_balance_loss(scores: np.ndarray, idx: np.ndarray, num_experts: int, coeff: float,
                       kind: str, batch: int = 1) -> float:
     """Switch-style balance loss ``coeff * E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4).
@@ -167,12 +177,17 @@ def load_balance_loss(scores: np.ndarray, idx: np.ndarray, num_experts: int, coe
     kind="switch" uses the whole batch; kind="sequence" (DeepSeek-V3 sequence-wise balance loss,
     arXiv:2412.19437 eqs. 17-20) computes it per sequence (``batch`` sequences of N/batch tokens)
     and averages over the batch.
+
+    No tokens (N = 0: B = 0 or S = 0): 0.0, the mean over no tokens (or no sequences) taken as 0
+    (DESIGN.md, "Degenerate inputs"); its gradient is zero.
     """
     n, k = idx.shape
     if kind == "switch":
         batch = 1
     elif kind != "sequence":
         raise ValueError(f"load_balance_loss={kind!r} is not one of ('switch', 'sequence')")
+    if n == 0:
+        return 0.0
     probs = (scores / scores.sum(-1, keepdims=True)).reshape(batch, n // batch, num_experts)
     onehot = np.zeros((n, num_experts))
     np.add.at(onehot, (np.repeat(np.arange(n), k), idx.reshape(-1)), 1.0)
@@ -181,7 +196,10 @@ def load_balance_loss(scores: np.ndarray, idx: np.ndarray, num_experts: int, coe
 
 
 def router_z_loss(logits: np.ndarray, coeff: float) -> float:
-    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): ``coeff * mean(logsumexp(logits)^2)``."""
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): ``coeff * mean(logsumexp(logits)^2)``; 0.0
+    for no tokens (the mean over no tokens taken as 0)."""
+    if logits.shape[0] == 0:
+        return 0.0
     return float(coeff * np.mean(logsumexp(logits) ** 2))
 
 
@@ -202,7 +220,7 @@ def moe_forward(
                           cfg.score_before_experts)
     # (9) shared experts see every token
     if cfg.num_shared_experts:
-        out = out + feed_forward(tokens, *(_f64(weights[f"shared_expert.{n}.weight"]) for n in ("w1", "w2", "w3")))
+        out = out + shared_experts(tokens, weights, cfg)
     if cfg.load_balance_loss is not None:
         aux["load_balance_loss"] = load_balance_loss(
             aux["scores"], aux["selected_experts"], cfg.num_experts, cfg.load_balance_coeff,

@@ -9,7 +9,8 @@
   ``seed``, ``steps``, ``bias_lr``, ``lock_routing``, ``tie_tol``, ``tolerances``
   (kind -> dtype -> {rtol, atol}, overrides applied), ``weights`` (file path or the init recipe), ``grads``,
   ``allow_nonfinite``.
-- ``environment``: python, platform, numpy and (when imported) torch, jax, flax versions.
+- ``environment``: python, platform, numpy, torch, jax, jaxlib, flax, transformers versions ("not installed"
+  when absent).
 - ``backends``: list of ``{name, status: "ran" | "skipped", reason}``.
 - ``checks``: list, worst first, of ``{id, kind, tensor, backend, against, dtype, status, numel,
   max_abs, max_rel, max_ulp, mean_ulp, ulp_at_scale, cosine, tol_ratio, worst_index, atol, rtol, masked_tokens,
@@ -18,7 +19,8 @@
   "<backend>@float64" (that backend's own float64 run) or another backend; ``id`` is
   ``kind/tensor/backend~against`` and identifies a row across runs (``moe-parity compare``);
   ``max_rel`` = max ``|a - e| / max(|e|, atol)``; ``tol_ratio`` >= 1 means outside tolerance
-  (see ``parity.metrics``); for "routing" rows ``max_abs`` is the number of diverged tokens.
+  (see ``parity.metrics``); for "routing" rows ``masked_tokens`` is the number of tokens routed
+  differently and the error figures are null (nothing was measured in units of the tensor).
   ``nonfinite``: elements whose NaN/Inf pattern fails the row (NaN/Inf where the expected answer is
   finite, a NaN/Inf of the expected answer not matched, or, without ``allow_nonfinite``, NaN/Inf in
   both); such a row is a FAIL whatever its error figures (which cover the elements finite in both;
@@ -35,6 +37,7 @@ in which no backend ran fails too (nothing was checked).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import platform
@@ -119,9 +122,14 @@ class RoutingFinding:
 def environment() -> dict[str, str]:
     """Versions of what the run used (frameworks only when already imported, to stay cheap)."""
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "numpy": np.__version__}
-    for mod in ("torch", "jax", "flax", "transformers"):
+    for mod in ("torch", "jax", "jaxlib", "flax", "transformers"):
         if mod in sys.modules:
             env[mod] = getattr(sys.modules[mod], "__version__", "?")
+        else:  # installed but not imported by this run: its distribution's version, read without importing
+            try:
+                env[mod] = importlib.metadata.version(mod)
+            except importlib.metadata.PackageNotFoundError:
+                env[mod] = "not installed"
     return env
 
 
@@ -151,6 +159,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     #: check id -> elementwise absolute errors (in memory only; for the histograms)
     errors: dict[str, np.ndarray] = field(default_factory=dict)
+    #: check id -> the error allowed at the tensor's largest |expected| (in memory only; the plots' mark)
+    limits: dict[str, float] = field(default_factory=dict)
 
     def add(self, check: Check) -> None:
         self.checks.append(check)
@@ -249,14 +259,26 @@ class Report:
             lines.append("No routing compared.")
         for r in self.routing:
             lines.append(f"- **{r.backend}** vs {r.against}: {r.status}: {r.summary()}")
-        lines += ["", "## Checks (worst first)", "",
-                  "| status | check | backend | against | dtype | max abs | max rel | max ULP | ULP at scale | cosine | tol ratio | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Tolerances applied", "",
+                  "A row passes when every element satisfies `|a - e| <= atol * max(1, max|e|) + rtol * |e|` "
+                  "(`tol ratio` <= 1; parity.metrics.compare) and no NaN/Inf appears where the float64 answer "
+                  "is finite; `tokens_per_expert`, `expert_bias` and the update rule must be exact.", "",
+                  "| kind | dtype | rtol | atol |", "|---|---|---|---|"]
+        for kind, by_dtype in (s.get("tolerances") or {}).items():
+            for dt, tol in by_dtype.items():
+                lines.append(f"| {kind} | {dt} | {tol.get('rtol'):g} | {tol.get('atol'):g} |")
+        lines += ["", f"Routing: a token routed differently is a WARN when its float64 selection margin is at most "
+                  f"tie_tol = {s.get('tie_tol')}, a FAIL otherwise."]
+        lines += ["", "## Checks (worst first)", "", *MARKDOWN_LEGEND, "",
+                  "| status | check | backend | against | dtype | max abs | max rel | max ULP | ULP at scale | cosine "
+                  "| tol ratio | tokens | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in sorted(self.checks, key=Check.sort_key):
+            tokens = str(c.masked_tokens) if c.kind == "routing" or c.masked_tokens else ""
             lines.append(f"| {c.status} | {c.kind}/{c.tensor} | {c.backend} | {c.against} | {c.dtype} | "
                          f"{_fmt(c.max_abs)} | {_fmt(c.max_rel)} | {_fmt(c.max_ulp)} | {_fmt(c.ulp_at_scale, ulp=True)} | "
                          f"{_fmt(c.cosine, cos=True)} | "
-                         f"{_fmt(c.tol_ratio)} | {c.note.replace('|', '/')} |")
+                         f"{_fmt(c.tol_ratio)} | {tokens} | {c.note.replace('|', '/')} |")
         cfg = s.get("config", {})
         lines += ["", "## Config", "", "```json", json.dumps(cfg, indent=2), "```", ""]
         return "\n".join(lines)
@@ -283,8 +305,8 @@ class Report:
         title = (f"moe-parity: {summ['status'].upper()}  ({summ['passed']} passed, {summ['failed']} failed, "
                  f"{summ['warned']} warned, {summ['skipped']} skipped)  preset={self.settings.get('preset')} "
                  f"dtype={self.settings.get('dtype')}")
-        table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False,
-                      collapse_padding=True, width=width)
+        table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False,
+                      padding=0)  # the box puts one space between columns
         rows = sorted(self.checks, key=Check.sort_key)
         shown = rows if max_rows is None else rows[:max_rows]
         notes: dict[str, int] = {}  # note text -> footnote number, so long notes don't widen the table
@@ -292,6 +314,8 @@ class Report:
         for c in shown:
             ref = f" [{notes.setdefault(c.note, len(notes) + 1)}]" if c.note else ""
             check = f"{c.kind}/{c.tensor}" + (f": {c.masked_tokens} token(s) differ" if c.kind == "routing" else "")
+            if c.kind == "backend":
+                check = "backend skipped" if c.status == SKIP else "backend"
             against = _display_name(c.against)
             if c.dtype != self.settings.get("dtype") and "@" not in c.against and c.kind != "routing":
                 against += f" in {c.dtype}"
@@ -299,24 +323,27 @@ class Report:
                 _fmt(c.max_abs), _fmt(c.ulp_at_scale, ulp=True), _fmt(c.cosine, cos=True), _fmt(c.tol_ratio)]
             if compact:
                 numbers.pop(2)
-                names = [f"{_display_name(c.backend)} vs {against}"]
+                names = [_display_name(c.backend) + ("" if c.against == "-" else f" vs {against}")]
             else:
                 names = [_display_name(c.backend), against]
             cells.append([f"[{_COLOURS.get(c.status, '')}]{c.status}[/]", escape(check + ref),
                           *(escape(n) for n in names), *numbers])
-        # a name column is at least as wide as its longest word, so rich wraps at spaces, never inside one
-        longest = [max([len(w) for cell in cells for w in _plain(cell[i]).split()] + [1])
-                   for i in range(1, 3 if compact else 4)]
-        heads = ["status", "check", "backend vs reference"] if compact else ["status", "check", "backend", "against"]
+        # compact: the status column has no header (its cells say PASS / FAIL), which saves two columns
+        heads = ["", "check", "backend vs reference"] if compact else ["status", "check", "backend", "against"]
+        heads += ["max abs", "ULP", "tol"] if compact else ["max abs", "ULP", "cosine", "tol"]
+        names = range(1, 3 if compact else 4)  # the columns of names, which wrap; the others never do
+        natural = [max([len(_plain(cell[i])) for cell in cells] + [len(h)]) for i, h in enumerate(heads)]
+        # a name column is at least as wide as its longest word, so it wraps at spaces, never inside a name
+        longest = {i: max(len(w) for text in [heads[i]] + [_plain(cell[i]) for cell in cells] for w in text.split())
+                   for i in names}
+        widths = _fit_widths(natural, longest, width)
         for i, head in enumerate(heads):
-            table.add_column(head, justify="left", overflow="fold", no_wrap=i == 0,
-                             min_width=longest[i - 1] if i else None)
-        for head in (["max abs", "ULP", "tol"] if compact else ["max abs", "ULP", "cosine", "tol"]):
-            table.add_column(head, justify="right", no_wrap=True, overflow="fold")
+            table.add_column(head, justify="left" if i <= max(names) else "right", width=widths[i],
+                             no_wrap=i not in names, overflow="fold")
         for cell in cells:
             table.add_row(*cell)
         lines = ["ULP: error in units in the last place of the tensor's largest value; tol: error / tolerance "
-                 "(< 1 passes)" + ("; cosine and max rel in --json / --out." if compact else ".")]
+                 "(<= 1 passes)" + ("; cosine and max rel in --json / --out." if compact else ".")]
         lines += [escape(f"[{n}] {text}") for text, n in notes.items()]
         if len(shown) < len(rows):
             where = f"in {out_path}/report.json and report.md" if out_path else "with --out DIR (or --max-rows 0 for all)"
@@ -333,6 +360,26 @@ class Report:
 WIDE_TABLE = 110
 
 
+def _fit_widths(natural: list[int], longest: dict[int, int], width: int | None) -> list[int]:
+    """Column widths for a table at most ``width`` wide (one space between columns): the columns in
+    ``longest`` (index -> longest word) give up space, widest first, down to their longest word (then,
+    on a terminal narrower than that, down to 8 characters, folding names); the others never shrink."""
+    widths = list(natural)
+    if width is None:
+        return widths
+    excess = sum(widths) + len(widths) - 1 - width
+    while excess > 0:
+        shrinkable = [i for i in longest if widths[i] > longest[i]]
+        if not shrinkable:  # narrower than any name: fold names (never a number) down to 8 characters
+            shrinkable = [i for i in longest if widths[i] > 8]
+        if not shrinkable:
+            break  # a terminal this narrow wraps the lines itself
+        i = max(shrinkable, key=lambda j: widths[j])
+        widths[i] -= 1
+        excess -= 1
+    return widths
+
+
 def _display_name(name: str) -> str:
     """A backend name as the table shows it: "jax:cpu@float64" -> "jax:cpu @float64" (wraps after the name)."""
     return name.replace("@", " @")
@@ -342,6 +389,27 @@ def _plain(markup: str) -> str:
     from rich.text import Text
 
     return Text.from_markup(markup).plain
+
+
+#: the column legend of report.md's check table
+MARKDOWN_LEGEND = [
+    "Columns: **check** `kind/tensor` (forward output and aux, gradient w.r.t. the input `x` or a parameter, "
+    "expert-bias step); **backend** the column checked, **against** what it is compared with (`reference`: "
+    "the float64 NumPy reference; `NAME@float64`: that backend's own float64 run; another backend: pairwise); "
+    "**dtype** the dtype the errors are counted in; **max abs** max `|a - e|`; **max rel** max "
+    "`|a - e| / max(|e|, atol)`; **max ULP** the largest error of one element in units in the last place at "
+    "that element (the count of representable values of **dtype** between actual and expected); **ULP at "
+    "scale** max `|a - e|` in ULPs of the tensor's largest `|e|`; **cosine** cosine similarity of the "
+    "flattened tensors; **tol ratio** the largest `|a - e| / (atol * max(1, max|e|) + rtol |e|)` (<= 1 passes); **tokens** tokens routed differently (routing rows) or "
+    "masked out of the comparison because of that (forward rows).",
+    "",
+    "Why a PASS row can show millions of per-element ULPs: representable values crowd together near zero "
+    "(the float32 ULP of 1e-30 is about 1e-37, and an actual and expected value of opposite signs have "
+    "every tiny value between them), so an error that is negligible next to the tensor's scale can be "
+    "millions of ULPs of one element close to zero. The verdict is set against the tensor's scale, which "
+    "is what **ULP at scale** measures: read that column to judge the rounding, and max ULP only for "
+    "tensors with no elements near zero.",
+]
 
 
 def _fmt(v, cos: bool = False, ulp: bool = False) -> str:
@@ -356,19 +424,59 @@ def _fmt(v, cos: bool = False, ulp: bool = False) -> str:
     return f"{v:.2e}" if v != 0 else "0"
 
 
-def compare_reports(a: Report, b: Report) -> tuple[list[dict], list[str]]:
-    """Rows of the checks present in either report, and the ids that regressed (PASS/WARN -> FAIL).
+#: the default of ``moe-parity compare --factor``: error growth beyond it is a regression
+GROWTH_FACTOR = 10.0
 
-    Each row: ``{id, status_a, status_b, max_abs_a, max_abs_b, max_ulp_a, max_ulp_b}``.
+
+def compare_settings(a: Report, b: Report) -> list[str]:
+    """One line per setting that makes two reports' rows measure different things: dtype, preset,
+    seed, the backends that ran (and the batch, sequence length and config). Empty when comparable."""
+    out = []
+    for key in ("dtype", "preset", "seed", "batch", "seq_len"):
+        va, vb = a.settings.get(key), b.settings.get(key)
+        if va != vb:
+            out.append(f"{key} differs: {va!r} -> {vb!r}")
+    fa, fb = a.settings.get("config") or {}, b.settings.get("config") or {}
+    fields = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    if fields:
+        out.append(f"config differs in {', '.join(fields)}")
+    ra, rb = a.backends_ran, b.backends_ran
+    if set(ra) != set(rb):
+        only_a, only_b = sorted(set(ra) - set(rb)), sorted(set(rb) - set(ra))
+        out.append("backends differ:" + (f" only in A {', '.join(only_a)}" if only_a else "")
+                   + (";" if only_a and only_b else "") + (f" only in B {', '.join(only_b)}" if only_b else ""))
+    return out
+
+
+def compare_reports(a: Report, b: Report, factor: float = GROWTH_FACTOR) -> tuple[list[dict], list[str]]:
+    """Rows of the checks present in either report, and the ids that regressed.
+
+    A regression: a check that PASSed or WARNed in A FAILs in B (or is new in B and fails), or whose
+    ``tol_ratio`` grew more than ``factor`` times from A to B while being above 1 / ``factor`` in B
+    (errors far inside the tolerance may grow by any factor: 1e-9 -> 1e-7 is noise, not drift).
+    ``factor``: a finite number > 1 (``ValueError`` otherwise).
+
+    Each row: ``{id, status_a, status_b, max_abs_a, max_abs_b, ulp_a, ulp_b, growth, regressed}``;
+    ``ulp_*`` is ``ulp_at_scale`` (the ULP column of ``moe-parity run``), ``growth`` the ratio of the
+    ``tol_ratio`` of B to A's (None when either is missing or A's is 0).
     """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 1:
+        raise ValueError(f"factor={factor!r} must be a finite number > 1")
     ca = {c.id: c for c in a.checks}
     cb = {c.id: c for c in b.checks}
     rows, regressed = [], []
     for cid in sorted(set(ca) | set(cb)):
         x, y = ca.get(cid), cb.get(cid)
+        growth = None
+        if x is not None and y is not None and x.tol_ratio is not None and y.tol_ratio is not None \
+                and x.tol_ratio > 0:
+            growth = y.tol_ratio / x.tol_ratio
+        failed = y is not None and y.status == FAIL and (x is None or x.status in (PASS, WARN))
+        grew = growth is not None and growth > factor and y.tol_ratio > 1 / factor
         rows.append({"id": cid, "status_a": x.status if x else "-", "status_b": y.status if y else "-",
                      "max_abs_a": x.max_abs if x else None, "max_abs_b": y.max_abs if y else None,
-                     "max_ulp_a": x.max_ulp if x else None, "max_ulp_b": y.max_ulp if y else None})
-        if y is not None and y.status == FAIL and (x is None or x.status in (PASS, WARN)):
+                     "ulp_a": x.ulp_at_scale if x else None, "ulp_b": y.ulp_at_scale if y else None,
+                     "growth": growth, "regressed": failed or grew})
+        if failed or grew:
             regressed.append(cid)
     return rows, regressed

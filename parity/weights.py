@@ -80,6 +80,8 @@ def canonical_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
             "shared_expert.w2.weight": (d, hs),
             "shared_expert.w3.weight": (hs, d),
         })
+    if cfg.shared_expert_gate:
+        shapes["shared_expert_gate.weight"] = (1, d)
     return shapes
 
 

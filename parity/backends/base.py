@@ -66,6 +66,14 @@ class Runner:
         return cfg, weights
 
     # --- interface -----------------------------------------------------------------------------
+    def plan(self, cfg: MoEConfig, weights: Mapping[str, np.ndarray], x: np.ndarray, dtype: str,
+             cotangent: np.ndarray, grad64_selected: np.ndarray, xs: Sequence[np.ndarray], lr: float) -> None:
+        """Optional: told before the first call what a harness run will most likely ask (the free-routing
+        forward and gradient of ``x``, the float64 gradient with ``grad64_selected``, the bias steps
+        of ``xs``), so that a runner which starts processes (``parity.mesh.MeshRunner``) can run them
+        together. The calls themselves still come, with the same arguments; a runner must give the
+        same answers with or without a plan. Default: nothing."""
+
     def unavailable(self) -> str | None:
         """``None`` when this runner can run here, else the reason it is skipped (one line)."""
         return None

@@ -37,7 +37,7 @@ class JaxRunner(Runner):
     def unavailable(self) -> str | None:
         for mod in ("jax", "flax", "moe_jax"):
             if importlib.util.find_spec(mod) is None:
-                return f"{mod} is not installed"
+                return f'{mod} is not installed (pip install "moe-parity[jax]")'
         try:
             import jax
 
@@ -143,10 +143,13 @@ class JaxRunner(Runner):
         with self._scope(dtype):
             moe = self._build(cfg, weights, dtype)
             moe.train()
-            step = _jitted()["bias_step"]
+            step, update = _jitted()["bias_step"], _jitted()["bias_update"]
             lr32 = jax.device_put(np.float32(lr))
             for x in xs:
-                counts, selected, bias = step(moe, self._x(x, dtype), lr32)
+                counts, selected = step(moe, self._x(x, dtype))
+                # NOTE: a program of its own: the update is a host callback (bit identity with the NumPy
+                # rule), and JAX never keeps a program holding one in its persistent cache
+                bias = update(moe, lr32)
                 t = Tensors()
                 t.put("tokens_per_expert", self._np(counts), _dtype_name(counts))
                 t.put("selected_experts", self._np(selected), "int64")
@@ -185,20 +188,19 @@ def enable_compile_cache(directory: str) -> None:
     JAX's persistent compilation cache: a later run with the same config, shapes and versions loads
     the programs instead of compiling them (entries are keyed by the program, the jax/jaxlib version
     and the device, so a stale entry is never used). Every program is cached, however fast it compiled
-    (JAX's default skips those under 1 s). Before jax is imported this only sets JAX's environment
-    variables, so it costs nothing when no JAX backend runs.
+    (JAX's default skips those under 1 s). Sets JAX's environment variables (so that worker processes,
+    ``moe-parity run --mesh``, use the cache too) and, when jax is already imported, its config.
     """
     os.makedirs(directory, exist_ok=True)
     settings = {"jax_compilation_cache_dir": directory, "jax_persistent_cache_min_compile_time_secs": 0,
                 "jax_persistent_cache_min_entry_size_bytes": 0}
+    for key, value in settings.items():  # read by jax when imported, here or in a worker process
+        os.environ[key.upper()] = str(value)
     if "jax" in sys.modules:
         import jax
 
         for key, value in settings.items():
             jax.config.update(key, value)
-    else:
-        for key, value in settings.items():
-            os.environ[key.upper()] = str(value)
 
 
 _JITTED: dict = {}
@@ -208,13 +210,16 @@ def _jitted() -> dict:
     """The three compiled steps, built once per process (``nnx.jit``; jax is imported on first use).
 
     Each is traced once per (module structure, shapes, dtype, locked or free routing): a default run
-    compiles forward (free, locked), gradient (run dtype, float64) and the bias step once each, where
-    op-by-op dispatch compiled every operation separately (issue 14: 261 compilations).
+    compiles the forward, the gradient (run dtype; float64, routing locked to the reference's choice)
+    and the bias step once each, where op-by-op dispatch compiled every operation separately (issue
+    14: 261 compilations). Programs holding a host callback (the locked gradient: moe_jax checks the
+    range of a traced ``selected_experts`` with one) are never kept in the persistent cache.
     ``forward(moe, x, selected)`` -> (out, aux); ``grad(moe, x, cotangent, selected)`` ->
     (parameter gradients as an ``nnx.State``, gradient w.r.t. ``x``) of ``sum(out * cotangent)`` plus
-    the enabled aux losses, accumulated in the cotangent's dtype; ``bias_step(moe, x, lr)`` -> (the
-    counts of a training-mode forward, its ``selected_experts``, ``expert_bias`` after
-    ``update_expert_bias``), updating ``moe`` in place.
+    the enabled aux losses, accumulated in the cotangent's dtype; ``bias_step(moe, x)`` -> (the
+    counts a training-mode forward leaves in ``moe.tokens_per_expert``, its ``selected_experts``),
+    updating ``moe`` in place; ``bias_update(moe, lr)`` -> ``expert_bias`` after ``update_expert_bias``
+    (a program of its own: it holds a host callback, which the persistent cache never keeps).
     """
     if _JITTED:
         return _JITTED
@@ -236,11 +241,14 @@ def _jitted() -> dict:
 
         return nnx.grad(objective, argnums=(0, 1))(moe, x)
 
-    def bias_step(moe, x, lr):
+    def bias_step(moe, x):
         _, aux = moe(x, return_aux=True)
-        counts = moe.tokens_per_expert[...]
-        update_expert_bias(moe, lr)
-        return counts, aux["selected_experts"], moe.expert_bias[...]
+        return moe.tokens_per_expert[...], aux["selected_experts"]
 
-    _JITTED.update(forward=nnx.jit(forward), grad=nnx.jit(grad), bias_step=nnx.jit(bias_step))
+    def bias_update(moe, lr):
+        update_expert_bias(moe, lr)
+        return moe.expert_bias[...]
+
+    _JITTED.update(forward=nnx.jit(forward), grad=nnx.jit(grad), bias_step=nnx.jit(bias_step),
+                   bias_update=nnx.jit(bias_update))
     return _JITTED

@@ -78,8 +78,7 @@ def reference_forward(weights: Mapping[str, np.ndarray], x: np.ndarray, cfg: MoE
     out = ref.experts_forward(tokens, idx, w, weights, cfg.score_before_experts)
     # (9) shared experts
     if cfg.num_shared_experts:
-        out = out + ref.feed_forward(tokens, *(np.asarray(weights[f"shared_expert.{n}.weight"], np.float64)
-                                               for n in ("w1", "w2", "w3")))
+        out = out + ref.shared_experts(tokens, weights, cfg)
     if cfg.load_balance_loss is not None:
         aux["load_balance_loss"] = ref.load_balance_loss(scores, idx, cfg.num_experts, cfg.load_balance_coeff,
                                                          cfg.load_balance_loss, batch=b)

@@ -35,7 +35,7 @@ class TorchRunner(Runner):
     def unavailable(self) -> str | None:
         for mod in ("torch", "moe_torch"):
             if importlib.util.find_spec(mod) is None:
-                return f"{mod} is not installed"
+                return f'{mod} is not installed (pip install "moe-parity[torch]")'
         if self.device == "npu" and importlib.util.find_spec("torch_npu") is None:
             return "torch_npu is not installed"
         try:

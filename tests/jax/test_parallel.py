@@ -33,6 +33,7 @@ JOBS = {
     "ep4-sequence-zloss-skewed": make_job("sequence_loss_zloss", {"ep": 4}, skew=True),
     "ep2xtp2-groups-bias": make_job("groups_top2_sum_bias", {"ep": 2, "tp": 2}),
     "tp2-after-skewed": make_job("softmax_top2_after", {"tp": 2}, skew=True),
+    "ep2xtp2-shared-gate": make_job("shared_expert", {"ep": 2, "tp": 2}, shared_expert_gate=True),  # Qwen2-MoE
 }
 
 

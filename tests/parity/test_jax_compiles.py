@@ -45,7 +45,7 @@ def test_default_run_compiles_each_step_once(compiles):
     first = run_parity(settings, weights, [make_runner("jax:cpu")])
     assert first.passed
     n_first = len(compiles)
-    # forward, gradient (float32 and float64), bias step: 4 programs, plus at most one tiny transfer
+    # forward, gradient (float32 and float64), bias step and update: 5 programs, plus one tiny transfer
     # program per weight shape and dtype (moe_jax.load_state_dict); op by op this was 261
     assert 1 <= n_first <= 16, n_first
     second = run_parity(settings, init_weights(cfg, 8), [make_runner("jax:cpu")])

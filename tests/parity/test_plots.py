@@ -114,3 +114,49 @@ def test_error_histogram_leaves_out_nonfinite_errors():
     fig = plot_error_histograms({"forward: out": {"a vs b": np.array([1e-7, np.inf, np.nan, 0.0]),
                                                   "c vs d": np.array([np.nan])}})
     assert fig.axes[0].get_title() == "forward: out"
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14: plots that read at a glance
+def _small_report():
+    cfg = MoEConfig(dim=16, hidden_dim=24, num_experts=8, top_k=2, load_balance_loss="switch")
+    settings = Settings(cfg=cfg, steps=3, preset="my-preset", dtype="float32")
+    return run_parity(settings, init_weights(cfg, 0), [ReferenceRunner("reference:cpu")])
+
+
+def test_titles_name_preset_and_dtype():
+    report = _small_report()
+    for fig in (plot_error_histograms(report), plot_expert_load(report), plot_bias_trajectory(report)):
+        assert "preset my-preset, float32" in fig.get_suptitle() + "".join(ax.get_title() for ax in fig.axes)
+
+
+def test_error_histograms_mark_the_tolerance_and_keep_equal_curves_apart():
+    report = _small_report()
+    fig = plot_error_histograms(report, ("forward",))
+    out = next(ax for ax in fig.axes if ax.get_title() == "forward: out")
+    marks = [ln for ln in out.lines if ln.get_color() == "red" and ln.get_linestyle() == "--"]
+    assert len(marks) == 1
+    row = next(c for c in report.checks if c.id == "forward/out/reference:cpu~reference")
+    assert marks[0].get_xdata()[0] == pytest.approx(np.log10(report.limits[row.id]))
+    styles = {ln.get_linestyle() for ln in out.lines if ln.get_color() != "red" and ln.get_linestyle() != "None"}
+    assert len(styles) == len([t for t in out.get_legend().get_texts()])  # one line style per curve
+
+
+def test_scalar_errors_are_dots_not_one_element_histograms():
+    fig = plot_error_histograms({"forward: load_balance_loss": {"a vs reference": np.array([1e-9]),
+                                                               "b vs reference": np.array([2e-9])}})
+    (ax,) = [ax for ax in fig.axes if ax.get_visible()]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a vs reference", "b vs reference"]
+    assert all(ln.get_linestyle() == "None" for ln in ax.lines)  # markers only, no steps
+
+
+def test_bias_trajectory_is_a_heatmap_with_a_colour_bar_and_labelled_axes():
+    traj = {"reference": [[0.0, 1e-3, -1e-3], [1e-3, 2e-3, -2e-3]], "jax:cpu": [[0.0, 1e-3, -1e-3], [1e-3, 2e-3, 0.0]]}
+    fig = plot_bias_trajectory(traj)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 2
+    assert all(ax.get_xlabel() == "update step" and ax.get_ylabel() == "expert" for ax in panels)
+    assert panels[0].images[0].get_array().shape == (3, 2)  # experts x steps
+    colourbars = [ax for ax in fig.axes if not ax.images and ax.get_visible() and "expert_bias" in ax.get_ylabel()]
+    assert colourbars
+    assert "2.00e-03" in panels[1].get_title()  # jax differs from the reference by 2e-3 at expert 2

@@ -38,6 +38,7 @@ WORLD2 = {
     "ep2-grouped_mm-skewed": make_job("softmax_top2_after", {"ep": 2}, skew=True, expert_kernel="grouped_mm"),
     "ep2-shared-float64": make_job("shared_expert", {"ep": 2}, dtype="float64"),
     "tp2-shared-skewed": make_job("shared_expert", {"tp": 2}, skew=True),
+    "tp2-shared-gate": make_job("shared_expert", {"tp": 2}, shared_expert_gate=True),  # Qwen2-MoE
     "tp2-switch": make_job("switch_loss", {"tp": 2}),
     "tp2-groups-bias": make_job("groups_top2_sum_bias", {"tp": 2}),
 }
