@@ -32,6 +32,15 @@ class _SumOverGroup(torch.autograd.Function):
         return grad, None
 
 
+def sum_over_group(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` summed over the ranks of ``group`` (a ProcessGroup); the gradient passes through unchanged.
+
+    Megatron's "g" operator (Shoeybi et al. 2019): each rank's backward gives the gradient of the global
+    sum for its own share. Any shape and float dtype; returns a new tensor like ``x``.
+    """
+    return _SumOverGroup.apply(x, group)
+
+
 def load_balance_loss(scores: torch.Tensor, selected_experts: torch.Tensor, num_experts: int, coeff: float,
                       kind: str = "switch", batch: int = 1, group=None) -> torch.Tensor:
     """Switch-style balance loss ``coeff * E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4).
@@ -78,7 +87,7 @@ def load_balance_loss(scores: torch.Tensor, selected_experts: torch.Tensor, num_
         seq_len = torch.tensor(float(n // batch), dtype=scores.dtype, device=scores.device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(seq_len, op=dist.ReduceOp.SUM, group=group)
-    prob_sums = _SumOverGroup.apply(probs.sum(1), group)  # (B, E)
+    prob_sums = sum_over_group(probs.sum(1), group)  # (B, E)
     frac = counts / (seq_len * k)
     return coeff * num_experts * (frac * prob_sums / seq_len).sum(-1).mean()
 

@@ -56,7 +56,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from moe_torch.balancing import load_balance_loss
+from moe_torch.balancing import load_balance_loss, sum_over_group
 from moe_torch.experts import GroupedExperts
 from moe_torch.feed_forward import FeedForward
 from moe_torch.moe import MoE
@@ -96,20 +96,6 @@ class _SumGradOver(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-class _SumOver(torch.autograd.Function):
-    """"g": sum over ``group`` forward, identity backward (every rank then computes the same loss)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
         return grad, None
 
 
@@ -233,16 +219,16 @@ def _global_aux_losses(moe: MoE, x: torch.Tensor, aux: dict, group) -> None:
         with torch.no_grad():
             counts = torch.bincount(selected.reshape(-1), minlength=moe.num_experts).to(acc)
             dist.all_reduce(counts, group=group)
-        probs = _SumOver.apply((scores / scores.sum(-1, keepdim=True)).sum(0), group)
+        probs = sum_over_group((scores / scores.sum(-1, keepdim=True)).sum(0), group)
         aux["load_balance_loss"] = (cfg.load_balance_coeff * moe.num_experts
                                     * ((counts / (n_all * k)) * (probs / n_all)).sum())
     elif cfg.load_balance_loss == "sequence":
         local = load_balance_loss(scores, selected, moe.num_experts, cfg.load_balance_coeff, "sequence",
                                   batch=x.shape[0])
-        aux["load_balance_loss"] = _SumOver.apply(local * x.shape[0], group) / bs_all
+        aux["load_balance_loss"] = sum_over_group(local * x.shape[0], group) / bs_all
     if cfg.router_z_loss_coeff > 0:
         lse2 = torch.logsumexp(aux["router_logits"].to(acc), dim=-1).square().sum()
-        aux["router_z_loss"] = cfg.router_z_loss_coeff * _SumOver.apply(lse2, group) / n_all
+        aux["router_z_loss"] = cfg.router_z_loss_coeff * sum_over_group(lse2, group) / n_all
 
 
 # ------------------------------------------------------------------------------------ the styles
@@ -311,7 +297,7 @@ class _MoEParallel(ParallelStyle):
 
         def output_fn(_mod, y, _m):
             if tp_group is not None:
-                y = _SumOver.apply(y, tp_group)
+                y = sum_over_group(y, tp_group)
             if ep_group is not None:
                 y = _combine(y, ep_group, state)
             return y
@@ -337,7 +323,7 @@ class _MoEParallel(ParallelStyle):
         for lin, axis in ((shared.w1, 0), (shared.w2, 1), (shared.w3, 0)):
             lin.weight = _distributed_param(lin.weight, tp_mesh, [Shard(axis)], self.src_data_rank)
         shared.register_forward_pre_hook(lambda _m, args: (_SumGradOver.apply(args[0], tp_group), *args[1:]))
-        shared.register_forward_hook(lambda _m, _args, out: _SumOver.apply(out, tp_group))
+        shared.register_forward_hook(lambda _m, _args, out: sum_over_group(out, tp_group))
 
 
 def _aux_hook(group):
