@@ -5,14 +5,28 @@ Also holds ``local_tensor``, the one DTensor helper the other files use.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # torch built without distributed support has no DTensor
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None
+
+def dtensor_class():
+    """``torch.distributed.tensor.DTensor`` if that module is loaded, else None.
+
+    NOTE: importing torch.distributed.tensor takes ~1 s (a third of ``import moe_torch``); a DTensor
+    can only exist once that module is loaded, so the checks look it up in ``sys.modules`` rather
+    than importing it.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``DTensor`` (without importing torch.distributed.tensor)."""
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -22,7 +36,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     DTensor cannot express (torchtitan's GroupedExperts converts its weights the same way). The
     gradient still flows back to the DTensor parameter through ``to_local``.
     """
-    if DTensor is not None and isinstance(t, DTensor):
+    if is_dtensor(t):
         return t.to_local()
     return t
 

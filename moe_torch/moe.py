@@ -9,7 +9,7 @@ from torch import nn
 
 from moe_torch.balancing import load_balance_loss, router_z_loss
 from moe_torch.experts import GroupedExperts
-from moe_torch.feed_forward import DTensor, FeedForward, local_tensor
+from moe_torch.feed_forward import FeedForward, dtensor_class, is_dtensor, local_tensor
 from moe_torch.router import TokenChoiceTopKRouter
 from moe_torch.weights import check_state_dict
 from parity.config import BALANCE_FROM_COEFF, TORCH_KERNELS, MoEConfig, layer_config
@@ -430,7 +430,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, return_aux: bool = False, selected_experts: torch.Tensor | None = None):
         self._check_input(x)
         wrap = None
-        if DTensor is not None and isinstance(x, DTensor):
+        if is_dtensor(x):
             if any(p.is_shard() and p.dim in (-1, x.ndim - 1) for p in x.placements):
                 raise ValueError(f"x is a DTensor sharded on its last dim ({x.placements}); the MoE layer "
                                  f"needs whole token vectors")
@@ -459,7 +459,7 @@ class MoE(nn.Module):
             out = out + shared
         out = out.view(bs, slen, dim)
         if wrap is not None:
-            out = DTensor.from_local(out, *wrap)
+            out = dtensor_class().from_local(out, *wrap)
         balance = None
         if self.load_balance_loss is not None:
             balance = load_balance_loss(scores, selected, self.num_experts, self._balance_coeff,
