@@ -39,7 +39,29 @@ cases = {
     "qwen3_next": transformers.Qwen3NextConfig(**common, **qwen, norm_topk_prob=True, head_dim=32,
                                                linear_num_key_heads=2, linear_num_value_heads=2,
                                                linear_key_head_dim=16, linear_value_head_dim=16),
+    "granitemoe": transformers.GraniteMoeConfig(**common, intermediate_size=H, num_local_experts=E,
+                                                num_experts_per_tok=4),
+    "llama4_text": transformers.Llama4TextConfig(**common, head_dim=32, intermediate_size=H, intermediate_size_mlp=32,
+                                                 num_local_experts=E, num_experts_per_tok=4,
+                                                 interleave_moe_layer_step=2),
+    "minimax_m2": transformers.MiniMaxM2Config(**common, head_dim=32, intermediate_size=H, num_local_experts=E,
+                                               num_experts_per_tok=4),
+    "ernie4_5_moe": transformers.Ernie4_5_MoeConfig(**common, head_dim=32, intermediate_size=32,
+                                                    moe_intermediate_size=H, moe_num_experts=E, moe_k=4,
+                                                    moe_num_shared_experts=2, moe_layer_start_index=1),
 }
+
+
+def hf_experts(block, family, x):
+    """transformers' chosen experts [N, k] of ``x [N, D]``."""
+    router = getattr(block, family.router_name)
+    if family.model_type == "llama4_text":  # (scores, logits): top-k of the logits
+        return router(x)[1].topk(block.top_k, dim=-1).indices
+    if family.model_type == "minimax_m2":  # the bias is the block's
+        return router(x, block.e_score_correction_bias)[2]
+    return router(x)[2]
+
+
 rows = {}
 for name, hcfg in cases.items():
     torch.manual_seed(0)
@@ -47,7 +69,7 @@ for name, hcfg in cases.items():
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if ".mlp." in n:
+            if any(f".{m}." in n for m in ("mlp", "block_sparse_moe", "feed_forward")):
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):
@@ -65,7 +87,7 @@ for name, hcfg in cases.items():
     block = hf_block(d, 1, dtype="bfloat16")
     y_hf = hf_forward(block, xf)
     with torch.no_grad():
-        _, _, hf_idx = block.gate(x.reshape(-1, D))
+        hf_idx = hf_experts(block, family, x.reshape(-1, D))
     moe = moe_torch.MoE(**cfg.to_kwargs())
     moe.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()})
     moe.to(torch.bfloat16)

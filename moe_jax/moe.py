@@ -195,7 +195,8 @@ class MoE(nnx.Module):
         self.router = TokenChoiceTopKRouter(
             cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.num_expert_groups, cfg.num_limited_groups,
             cfg.route_scale, route_norm=cfg.route_norm, group_score=cfg.group_score,
-            route_order=cfg.route_order, rngs=rngs, param_dtype=param_dtype)
+            route_order=cfg.route_order, route_norm_eps=cfg.route_norm_eps,
+            route_norm_mode=cfg.route_norm_mode, rngs=rngs, param_dtype=param_dtype)
         self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.expert_kernel, rngs=rngs,
                                       param_dtype=param_dtype)
         self.shared_expert = (FeedForward(cfg.dim, cfg.shared_dim, rngs=rngs, param_dtype=param_dtype)
@@ -225,7 +226,9 @@ class MoE(nnx.Module):
             dim=self.dim, hidden_dim=self.hidden_dim, num_experts=self.num_experts, top_k=r.top_k,
             score_func=r.score_func, route_norm=r.route_norm, route_scale=r.route_scale,
             num_expert_groups=r.num_expert_groups, num_limited_groups=r.num_limited_groups,
-            group_score=r.group_score, route_order=r.route_order, score_before_experts=self.score_before_experts,
+            group_score=r.group_score, route_order=r.route_order, route_norm_eps=r.route_norm_eps,
+            route_norm_mode=r.route_norm_mode,
+            score_before_experts=self.score_before_experts,
             num_shared_experts=self.num_shared_experts, shared_hidden_dim=self.shared_hidden_dim,
             shared_expert_gate=self.shared_expert_gate is not None,
             expert_kernel=self.experts.expert_kernel, use_expert_bias=self.use_expert_bias,

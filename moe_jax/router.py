@@ -88,6 +88,8 @@ def route(
     num_limited_groups: int | None = None,
     group_score: str = "max",
     route_order: str = "scale_first",
+    route_norm_eps: float = ROUTE_NORM_EPS,
+    route_norm_mode: str = "add",
     expert_bias: jax.Array | None = None,
     selected_experts: jax.Array | None = None,
 ) -> RouterOutput:
@@ -122,7 +124,9 @@ def route(
     # (5) unbiased routing weights (the same in both route orders)
     w = jnp.take_along_axis(scores, idx, axis=-1)
     if route_norm:
-        w = w / (w.sum(-1, keepdims=True) + ROUTE_NORM_EPS)
+        total = w.sum(-1, keepdims=True)
+        eps = jnp.asarray(route_norm_eps, w.dtype)
+        w = w / (jnp.maximum(total, eps) if route_norm_mode == "clamp" else total + eps)
     w = w * jnp.asarray(route_scale, w.dtype)
     return RouterOutput(logits, scores, idx, w)
 
@@ -133,7 +137,8 @@ class TokenChoiceTopKRouter(nnx.Module):
     Positional arguments as ``moe_torch.TokenChoiceTopKRouter`` (the original module's order: dim,
     num_experts, top_k=1, score_func="sigmoid", num_expert_groups=None, num_limited_groups=None,
     route_scale=1.0), then keyword-only ``route_norm=False``, ``group_score="max"``,
-    ``route_order="scale_first"``, ``rngs``, ``param_dtype``. Invalid options raise ValueError
+    ``route_order="scale_first"``, ``route_norm_eps=1e-20`` (the renormalisation's ``sum + eps``;
+    MiniMax-M2: 0.0), ``route_norm_mode="add"`` ("clamp": ``max(sum, eps)``, Ernie 4.5), ``rngs``, ``param_dtype``. Invalid options raise ValueError
     (``parity.config.validate_routing``).
 
     Parameter: ``gate`` (dim, num_experts) in ``param_dtype`` (canonical ``router.gate.weight`` is its
@@ -147,17 +152,19 @@ class TokenChoiceTopKRouter(nnx.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, score_func: str = "sigmoid",
                  num_expert_groups: int | None = None, num_limited_groups: int | None = None,
                  route_scale: float = 1.0, *, route_norm: bool = False, group_score: str = "max",
-                 route_order: str = "scale_first", rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 route_order: str = "scale_first", route_norm_eps: float = ROUTE_NORM_EPS,
+                 route_norm_mode: str = "add", rngs: nnx.Rngs, param_dtype=jnp.float32):
         if not isinstance(route_norm, bool):
             raise ValueError(f"route_norm={route_norm!r} must be True or False")
         validate_routing(num_experts=num_experts, top_k=top_k, score_func=score_func,
                          route_scale=route_scale, num_expert_groups=num_expert_groups,
                          num_limited_groups=num_limited_groups, group_score=group_score,
-                         route_order=route_order)
+                         route_order=route_order, route_norm_eps=route_norm_eps, route_norm_mode=route_norm_mode)
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.score_func, self.route_norm, self.route_scale = score_func, route_norm, route_scale
         self.num_expert_groups, self.num_limited_groups = num_expert_groups, num_limited_groups
-        self.group_score, self.route_order = group_score, route_order
+        self.group_score, self.route_order, self.route_norm_eps = group_score, route_order, route_norm_eps
+        self.route_norm_mode = route_norm_mode
         self.gate = nnx.Param(normal_init(rngs.params(), (dim, num_experts), dim, param_dtype))
 
     def route(self, x: jax.Array, expert_bias: jax.Array | None = None,
@@ -166,7 +173,9 @@ class TokenChoiceTopKRouter(nnx.Module):
                      route_norm=self.route_norm, route_scale=self.route_scale,
                      num_expert_groups=self.num_expert_groups,
                      num_limited_groups=self.num_limited_groups, group_score=self.group_score,
-                     route_order=self.route_order, expert_bias=expert_bias, selected_experts=selected_experts)
+                     route_order=self.route_order, route_norm_eps=self.route_norm_eps,
+                     route_norm_mode=self.route_norm_mode, expert_bias=expert_bias,
+                     selected_experts=selected_experts)
 
     def __call__(self, x: jax.Array, expert_bias: jax.Array | None = None):
         r = self.route(x, expert_bias)

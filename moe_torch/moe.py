@@ -266,7 +266,8 @@ class MoE(nn.Module):
                                  f"pass one or the other")
         self.router = TokenChoiceTopKRouter(
             cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.num_expert_groups, cfg.num_limited_groups,
-            cfg.route_scale, route_norm=cfg.route_norm, group_score=cfg.group_score, route_order=cfg.route_order)
+            cfg.route_scale, route_norm=cfg.route_norm, group_score=cfg.group_score, route_order=cfg.route_order,
+            route_norm_eps=cfg.route_norm_eps, route_norm_mode=cfg.route_norm_mode)
         self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, expert_kernel=cfg.expert_kernel)
         if shared_expert is None and cfg.num_shared_experts:
             shared_expert = FeedForward(cfg.dim, cfg.shared_dim)
@@ -296,6 +297,8 @@ class MoE(nn.Module):
     num_limited_groups = _router_option("num_limited_groups")
     group_score = _router_option("group_score")
     route_order = _router_option("route_order")
+    route_norm_eps = _router_option("route_norm_eps")
+    route_norm_mode = _router_option("route_norm_mode")
 
     @property
     def expert_kernel(self) -> str:
@@ -345,7 +348,9 @@ class MoE(nn.Module):
             dim=self.dim, hidden_dim=self.hidden_dim, num_experts=self.num_experts, top_k=r.top_k,
             score_func=r.score_func, route_norm=r.route_norm, route_scale=r.route_scale,
             num_expert_groups=r.num_expert_groups, num_limited_groups=r.num_limited_groups,
-            group_score=r.group_score, route_order=r.route_order, score_before_experts=self.score_before_experts,
+            group_score=r.group_score, route_order=r.route_order, route_norm_eps=r.route_norm_eps,
+            route_norm_mode=r.route_norm_mode,
+            score_before_experts=self.score_before_experts,
             num_shared_experts=self.num_shared_experts, shared_hidden_dim=self.shared_hidden_dim,
             shared_expert_gate=self.shared_expert_gate is not None,
             expert_kernel=self.expert_kernel, use_expert_bias=self.use_expert_bias,

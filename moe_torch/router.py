@@ -59,7 +59,8 @@ class RouterOutput(NamedTuple):
 
 # the router's options; assigning one re-validates the whole set (``parity.config.validate_routing``)
 ROUTING_OPTIONS = ("top_k", "score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
-                   "group_score", "route_order")
+                   "group_score", "route_order", "route_norm_eps",
+                   "route_norm_mode")
 
 
 class TokenChoiceTopKRouter(nn.Module):
@@ -75,7 +76,11 @@ class TokenChoiceTopKRouter(nn.Module):
         num_expert_groups, num_limited_groups: group-limited routing (DeepSeek-V2/V3): keep the
             ``num_limited_groups`` best of ``num_expert_groups`` equal groups; both or neither.
         route_scale: multiplies the routing weights (DeepSeek-V3: 2.5); default 1.0.
-        route_norm: renormalise the k routing weights to sum to 1 (+1e-20) before ``route_scale``.
+        route_norm: renormalise the k routing weights to sum to 1 (``/ (sum + route_norm_eps)``) before
+            ``route_scale``.
+        route_norm_eps: the epsilon of that sum (default 1e-20; MiniMax-M2: 0.0, the bare sum); >= 0.
+        route_norm_mode: "add" (default: ``sum + route_norm_eps``) | "clamp" (``max(sum,
+            route_norm_eps)``, Ernie 4.5's ``clamp(min=moe_norm_min)``). DESIGN.md step 5.
         group_score: "max" (DeepSeek-V2) | "top2_sum" (DeepSeek-V3) score of a group.
         route_order: "scale_first" (default, the original module: select on ``scores * route_scale +
             expert_bias``, groups from ``scores * route_scale``) | "bias_first" (DeepSeek-V3 /
@@ -101,11 +106,13 @@ class TokenChoiceTopKRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, score_func: str = "sigmoid",
                  num_expert_groups: int | None = None, num_limited_groups: int | None = None,
                  route_scale: float = 1.0, *, route_norm: bool = False, group_score: str = "max",
-                 route_order: str = "scale_first"):
+                 route_order: str = "scale_first", route_norm_eps: float = ROUTE_NORM_EPS,
+                 route_norm_mode: str = "add"):
         super().__init__()
         options = dict(top_k=top_k, score_func=score_func, route_norm=route_norm, route_scale=route_scale,
                        num_expert_groups=num_expert_groups, num_limited_groups=num_limited_groups,
-                       group_score=group_score, route_order=route_order)
+                       group_score=group_score, route_order=route_order, route_norm_eps=route_norm_eps,
+                       route_norm_mode=route_norm_mode)
         self._check_options(num_experts, options)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self._num_experts = num_experts
@@ -203,7 +210,9 @@ class TokenChoiceTopKRouter(nn.Module):
         # (5) unbiased routing weights (the same in both route orders)
         w = scores.gather(-1, idx)
         if self.route_norm:
-            w = w / (w.sum(-1, keepdim=True) + ROUTE_NORM_EPS)
+            total = w.sum(-1, keepdim=True)
+            w = w / (total.clamp(min=self.route_norm_eps) if self.route_norm_mode == "clamp"
+                     else total + self.route_norm_eps)
         w = w * self.route_scale
         return RouterOutput(logits, scores, idx, w)
 
@@ -218,4 +227,5 @@ class TokenChoiceTopKRouter(nn.Module):
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, score_func={self.score_func!r}, "
                 f"route_norm={self.route_norm}, route_scale={self.route_scale}, "
                 f"num_expert_groups={self.num_expert_groups}, num_limited_groups={self.num_limited_groups}, "
-                f"group_score={self.group_score!r}, route_order={self.route_order!r}")
+                f"group_score={self.group_score!r}, route_order={self.route_order!r}, "
+                f"route_norm_eps={self.route_norm_eps}, route_norm_mode={self.route_norm_mode!r}")

@@ -15,6 +15,7 @@ from typing import Any
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 ROUTE_ORDERS = ("bias_first", "scale_first")
+ROUTE_NORM_MODES = ("add", "clamp")  # step 5: w / (sum + eps) | w / max(sum, eps)
 LOAD_BALANCE_LOSSES = (None, "switch", "sequence")
 TORCH_KERNELS = ("auto", "loop", "grouped_mm", "npu")
 JAX_KERNELS = ("auto", "ragged_dot", "blocked", "dense")
@@ -56,6 +57,8 @@ def validate_routing(
     num_limited_groups: int | None = None,
     group_score: str = "max",
     route_order: str = "bias_first",
+    route_norm_eps: float = 1e-20,
+    route_norm_mode: str = "add",
 ) -> None:
     """Check the router options; raise ``ValueError`` naming the field, its value and what is allowed.
 
@@ -68,6 +71,8 @@ def validate_routing(
     _one_of("score_func", score_func, SCORE_FUNCS)
     _one_of("group_score", group_score, GROUP_SCORES)
     _one_of("route_order", route_order, ROUTE_ORDERS)
+    _non_negative_float("route_norm_eps", route_norm_eps)
+    _one_of("route_norm_mode", route_norm_mode, ROUTE_NORM_MODES)
     if not _is_real(route_scale) or not math.isfinite(route_scale) or route_scale <= 0:
         raise ValueError(f"route_scale={route_scale!r} must be a finite number > 0")
     if num_expert_groups is None:
@@ -105,7 +110,7 @@ def validate_routing(
 
 _INT_FIELDS = ("dim", "hidden_dim", "num_experts", "top_k", "num_expert_groups", "num_limited_groups",
                "num_shared_experts", "shared_hidden_dim")
-_FLOAT_FIELDS = ("route_scale", "load_balance_coeff", "router_z_loss_coeff")
+_FLOAT_FIELDS = ("route_scale", "route_norm_eps", "load_balance_coeff", "router_z_loss_coeff")
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,8 @@ class MoEConfig:
     num_limited_groups: int | None = None
     group_score: str = "max"
     route_order: str = "bias_first"
+    route_norm_eps: float = 1e-20
+    route_norm_mode: str = "add"
     # experts
     score_before_experts: bool = True
     num_shared_experts: int = 0
@@ -170,6 +177,8 @@ class MoEConfig:
             num_limited_groups=self.num_limited_groups,
             group_score=self.group_score,
             route_order=self.route_order,
+            route_norm_eps=self.route_norm_eps,
+            route_norm_mode=self.route_norm_mode,
         )
         for name in ("route_norm", "score_before_experts", "use_expert_bias", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
@@ -241,7 +250,8 @@ BALANCE_FROM_COEFF = _NotGiven("<'switch' when load_balance_coeff is a number, e
 
 # keys a ``router_kwargs`` dict may hold (the original module forwarded it to its router)
 ROUTER_KWARGS = ("top_k", "score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
-                 "group_score", "route_order", "use_expert_bias")
+                 "group_score", "route_order", "route_norm_eps", "route_norm_mode",
+                 "use_expert_bias")
 
 
 def layer_config(*, load_balance_coeff: float | None = None, load_balance_loss: Any = BALANCE_FROM_COEFF,

@@ -4,7 +4,8 @@ Each preset keeps the *routing* of a published model (score function, top-k, gro
 scaling, shared experts, balancing) exactly as its Hugging Face ``config.json`` states it, and scales
 the *sizes* (model dim, expert hidden dim, sometimes the number of experts) down so that a parity run
 takes seconds on a CPU. ``Preset.scaling`` says what was changed. The real models apply the routing
-weights after the experts (``score_before_experts=False``); the "default" preset keeps the original
+weights after the experts (``score_before_experts=False``), but Llama 4, which scales the expert
+input (``score_before_experts=True``); the "default" preset keeps the original
 PyTorch module's defaults (sigmoid, top-1, weights applied before the experts, the expert bias in
 its "scale_first" order: what ``moe_torch.MoE(64, 128, 8)`` builds, the kernel aside).
 
@@ -49,6 +50,19 @@ Sources (``config.json`` of the named Hugging Face repositories):
 - Kimi K2 (moonshotai/Kimi-K2-Instruct): DeepSeek-V3's architecture with hidden_size 7168,
   moe_intermediate_size 2048, n_routed_experts 384, num_experts_per_tok 8, n_shared_experts 1,
   n_group 1, topk_group 1, norm_topk_prob True, routed_scaling_factor 2.827.
+- Granite-MoE (ibm-granite/granite-3.0-3b-a800m-base): hidden_size 1536, intermediate_size 512,
+  num_local_experts 40, num_experts_per_tok 8, top-k of the logits then softmax over the k chosen
+  (``parity.hf.granitemoe``), router_aux_loss_coef 0.001.
+- Llama 4 Scout (meta-llama/Llama-4-Scout-17B-16E): hidden_size 5120, intermediate_size 8192,
+  num_local_experts 16, num_experts_per_tok 1, interleave_moe_layer_step 1, sigmoid of the top-1
+  logit times the expert input, one shared expert of intermediate_size, router_aux_loss_coef 0.001
+  (``parity.hf.llama4``).
+- MiniMax-M2 (MiniMaxAI/MiniMax-M2): hidden_size 3072, intermediate_size 1536, num_local_experts
+  256, num_experts_per_tok 8, sigmoid scores, e_score_correction_bias, no groups, top-k weights
+  divided by their bare sum (``parity.hf.minimax_m2``), router_aux_loss_coef 0.001.
+- Ernie 4.5 MoE (baidu/ERNIE-4.5-21B-A3B-PT): hidden_size 2560, moe_intermediate_size 1536,
+  moe_num_experts 64, moe_k 6, moe_num_shared_experts 2, softmax + e_score_correction_bias for
+  selection, moe_norm_min 1e-12 (``parity.hf.ernie4_5_moe``).
 """
 
 from __future__ import annotations
@@ -193,6 +207,44 @@ PRESETS: dict[str, Preset] = {
             "dim 7168 -> 64, moe hidden 2048 -> 18 (ratio 3.5 kept), 384 -> 48 experts; top-8, 1 shared kept",
             "DeepSeek-V3's router without groups (n_group 1, topk_group 1); its config.json declares "
             "model_type 'kimi_k2' (custom code), read by parity.hf as DeepSeek-V3",
+        ),
+        Preset(
+            "granite-moe",
+            MoEConfig(dim=64, hidden_dim=22, num_experts=40, top_k=8, score_func="softmax",
+                      route_norm=True, score_before_experts=False,
+                      load_balance_loss="switch", load_balance_coeff=0.001),
+            "ibm-granite/granite-3.0-3b-a800m-base",
+            "dim 1536 -> 64, hidden 512 -> 22 (ratio ~1/3 kept); 40 experts top-8 kept",
+            "top-k of the logits then softmax over the k chosen = softmax -> top-k -> renormalise",
+        ),
+        Preset(
+            "llama4-scout",
+            MoEConfig(dim=64, hidden_dim=102, num_experts=16, top_k=1, score_func="sigmoid",
+                      route_norm=False, score_before_experts=True, num_shared_experts=1,
+                      load_balance_loss="switch", load_balance_coeff=0.001),
+            "meta-llama/Llama-4-Scout-17B-16E",
+            "dim 5120 -> 64, expert and shared hidden 8192 -> 102 (ratio 1.6 kept); 16 experts top-1 kept",
+            "top-1 of the logits then sigmoid = sigmoid -> top-1 (no renormalisation); the score scales the "
+            "expert input; one ungated shared expert",
+        ),
+        Preset(
+            "minimax-m2",
+            MoEConfig(dim=64, hidden_dim=32, num_experts=64, top_k=8, score_func="sigmoid",
+                      route_norm=True, route_norm_eps=0.0, use_expert_bias=True, score_before_experts=False,
+                      load_balance_loss="switch", load_balance_coeff=0.001),
+            "MiniMaxAI/MiniMax-M2",
+            "dim 3072 -> 64, hidden 1536 -> 32 (ratio 1/2 kept), 256 -> 64 experts; top-8 kept",
+            "sigmoid + expert bias for selection, no groups; renormalised by the bare sum (route_norm_eps 0)",
+        ),
+        Preset(
+            "ernie-4.5-moe",
+            MoEConfig(dim=64, hidden_dim=38, num_experts=64, top_k=6, score_func="softmax",
+                      route_norm=True, route_norm_mode="clamp", route_norm_eps=1e-12, use_expert_bias=True,
+                      score_before_experts=False, num_shared_experts=2,
+                      load_balance_loss="switch", load_balance_coeff=0.001),
+            "baidu/ERNIE-4.5-21B-A3B-PT",
+            "dim 2560 -> 64, moe hidden 1536 -> 38 (ratio 0.6 kept); 64 experts top-6, 2 shared kept",
+            "softmax + expert bias for selection; renormalised by clamp(sum, min=1e-12)",
         ),
     )
 }

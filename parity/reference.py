@@ -121,7 +121,8 @@ def route(x: np.ndarray, gate: np.ndarray, cfg: MoEConfig, expert_bias: np.ndarr
     # (5) unbiased routing weights
     w = np.take_along_axis(scores, idx, axis=-1)
     if cfg.route_norm:
-        w = w / (w.sum(-1, keepdims=True) + ROUTE_NORM_EPS)
+        total = w.sum(-1, keepdims=True)
+        w = w / (np.maximum(total, cfg.route_norm_eps) if cfg.route_norm_mode == "clamp" else total + cfg.route_norm_eps)
     w = w * cfg.route_scale
     # (6) per-expert counts
     counts = np.bincount(idx.reshape(-1), minlength=cfg.num_experts).astype(np.float64)

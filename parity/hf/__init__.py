@@ -46,7 +46,8 @@ from parity.hf.registry import Family, HFImportError, get_family, register, supp
 
 # the family modules, in the order error messages list them (each one registers its Family)
 FAMILY_MODULES = ("mixtral", "qwen3_moe", "deepseek_v3", "olmoe", "glm4_moe", "dots1", "kimi_k2", "deepseek_v2",
-                  "qwen2_moe", "qwen3_next")
+                  "qwen2_moe", "qwen3_next", "granitemoe",
+                  "llama4", "minimax_m2", "ernie4_5_moe")
 for _name in FAMILY_MODULES:
     importlib.import_module(f"parity.hf.{_name}")
 

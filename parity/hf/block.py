@@ -62,13 +62,16 @@ def hf_block(path: str | os.PathLike, layer: int, dtype: Any = "float32"):
     block = block_cls(hf_config)
 
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    gate_up, down = torch.cat([t["experts.w1"], t["experts.w3"]], dim=1), t["experts.w2"]
+    if family.experts_transposed:  # Llama 4 stores gate_up_proj [E, D, 2H], down_proj [E, H, D]
+        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
     state = {
-        "gate.weight": t["router.gate.weight"],
-        "experts.gate_up_proj": torch.cat([t["experts.w1"], t["experts.w3"]], dim=1),
-        "experts.down_proj": t["experts.w2"],
+        f"{family.router_name}.weight": t["router.gate.weight"],
+        "experts.gate_up_proj": gate_up,
+        "experts.down_proj": down,
     }
     if cfg.use_expert_bias:
-        state["gate.e_score_correction_bias"] = t["expert_bias"]
+        state[family.bias_key] = t["expert_bias"].reshape(block.state_dict()[family.bias_key].shape)  # Ernie: [1, E]
     if cfg.num_shared_experts:
         for proj, canon in SHARED_TO_CANONICAL.items():
             state[f"{family.shared_prefix}.{proj}.weight"] = t[f"shared_expert.{canon}.weight"]
@@ -78,7 +81,7 @@ def hf_block(path: str | os.PathLike, layer: int, dtype: Any = "float32"):
     torch_dtype = _torch_dtype(dtype)
     for name, child in block.named_children():
         # the router weight and bias stay float32 where transformers keeps them (_keep_in_fp32_modules_strict)
-        if not (family.fp32_router and name == "gate"):
+        if not (family.fp32_router and name == family.router_name):
             child.to(torch_dtype)
     block.eval()
     block.requires_grad_(False)
@@ -90,12 +93,12 @@ def hf_forward(block, x: np.ndarray) -> np.ndarray:
 
     ``x`` is cast to the dtype of the block's expert weights; the output is returned in that dtype
     (bfloat16 is returned as float32, which holds it exactly). Blocks that return a
-    ``(hidden, router_logits)`` tuple are handled. Raises ``ValueError`` for a wrong shape.
+    ``(hidden, router_logits)`` tuple and blocks that return ``[B*S, D]`` (Llama 4) are handled. Raises ``ValueError`` for a wrong shape.
     """
     import torch
 
     dtype = block.experts.down_proj.dtype
-    dim = block.experts.down_proj.shape[1]
+    dim = getattr(block.experts, "hidden_size", None) or block.experts.down_proj.shape[1]
     x = np.asarray(x)
     if x.ndim != 3 or x.shape[-1] != dim:
         raise ValueError(f"x has shape {x.shape}; expected [batch, seq_len, dim={dim}]")
@@ -106,4 +109,4 @@ def hf_forward(block, x: np.ndarray) -> np.ndarray:
         out = out[0]
     if out.dtype in (torch.bfloat16,):
         out = out.float()
-    return out.numpy()
+    return out.reshape(x.shape).numpy()

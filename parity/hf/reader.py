@@ -80,15 +80,16 @@ def _check_layer(config: Mapping[str, Any], layer: int, path: Any) -> None:
 
 def common_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``MoEConfig`` fields every family reads alike: ``dim = hidden_size``, ``top_k =
-    num_experts_per_tok`` and ``score_before_experts=False`` (every family weights the expert outputs)."""
-    return dict(dim=int(get(config, "hidden_size")), top_k=int(get(config, "num_experts_per_tok")),
+    num_experts_per_tok`` and ``score_before_experts=False`` (every family but Llama 4, whose module
+    overrides it, weights the expert outputs)."""
+    return dict(dim=int(get(config, "hidden_size")), top_k=int(get(config, "num_experts_per_tok", "moe_k")),
                 score_before_experts=False)
 
 
 def moe_config_from_hf(config: Mapping[str, Any]) -> MoEConfig:
     """The ``MoEConfig`` whose forward equals transformers' MoE block of this family (float32).
 
-    Every family weights the expert outputs (``score_before_experts=False``) and uses SwiGLU experts
+    Every family but Llama 4 weights the expert outputs (``score_before_experts=False``); all use SwiGLU experts
     (``hidden_act`` must be "silu"); the routing is the family module's ``moe_config`` (its
     docstring, and README's family table, give the mapping).
 
@@ -114,7 +115,7 @@ def moe_config_from_hf(config: Mapping[str, Any]) -> MoEConfig:
 
 def _layer_tensors(ckpt: Checkpoint, layer: int) -> tuple[str, dict[str, str]]:
     """(module prefix, {name relative to the MoE module: full key}) for decoder layer ``layer``."""
-    pattern = re.compile(rf"^(.*?\blayers\.{layer}\.(?:block_sparse_moe|mlp)\.)(.+)$")
+    pattern = re.compile(rf"^(.*?\blayers\.{layer}\.(?:block_sparse_moe|mlp|feed_forward)\.)(.+)$")
     groups: dict[str, dict[str, str]] = {}
     for key in ckpt.weight_map:
         m = pattern.match(key)
@@ -154,6 +155,8 @@ def read_hf_layer(path: str | os.PathLike, layer: int) -> tuple[MoEConfig, dict[
     cfg = moe_config_from_hf(config)
     ckpt = Checkpoint(path)
     prefix, rel = _layer_tensors(ckpt, layer)
+    renames = get_family(config["model_type"]).renames
+    rel = {renames.get(name, name): key for name, key in rel.items()}
     where = f"layer {layer} of {str(path)!r} ({config['model_type']})"
     e, d, h = cfg.num_experts, cfg.dim, cfg.hidden_dim
 
@@ -200,6 +203,8 @@ def read_hf_layer(path: str | os.PathLike, layer: int) -> tuple[MoEConfig, dict[
                 raise HFImportError(f"{where}: fused expert layout lacks {prefix}{name}")
         gate_up = read("experts.gate_up_proj")
         down = read("experts.down_proj")
+        if get_family(config["model_type"]).experts_transposed and gate_up.ndim == 3 and down.ndim == 3:
+            gate_up, down = gate_up.transpose(0, 2, 1), down.transpose(0, 2, 1)  # Llama 4: [E, D, 2H], [E, H, D]
         if gate_up.ndim != 3 or gate_up.shape[0] != e or down.ndim != 3 or down.shape[0] != e:
             raise HFImportError(f"{where}: fused experts hold gate_up_proj {list(gate_up.shape)} and down_proj "
                                 f"{list(down.shape)}, but config.json says num_experts={e}")
@@ -228,7 +233,10 @@ def read_hf_layer(path: str | os.PathLike, layer: int) -> tuple[MoEConfig, dict[
         if bias_name is None:
             raise HFImportError(f"{where}: lacks {prefix}gate.e_score_correction_bias "
                                 f"({config['model_type']} routes with an expert bias)")
-        weights["expert_bias"] = expect(bias_name, read(bias_name), (e,))
+        bias = read(bias_name)
+        if bias.shape == (1, e):  # Ernie 4.5 stores it [1, E]
+            bias = bias.reshape(e)
+        weights["expert_bias"] = expect(bias_name, bias, (e,))
     else:
         if bias_name is not None:
             raise HFImportError(f"{where}: holds {prefix}{bias_name}, which {config['model_type']} does not use")

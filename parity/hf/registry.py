@@ -8,7 +8,7 @@ calls ``register(Family(...))``; ``parity.hf`` imports every family module, so a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from parity.config import MoEConfig
@@ -31,7 +31,14 @@ class Family:
     ``fp32_router``: transformers keeps ``gate.weight`` and ``gate.e_score_correction_bias`` in
     float32 in a low-precision model (``_keep_in_fp32_modules_strict``);
     ``hf_config``: (module, class) of the transformers config class that builds the block, for a
-    ``model_type`` transformers does not register (``AutoConfig`` otherwise).
+    ``model_type`` transformers does not register (``AutoConfig`` otherwise);
+    ``renames``: {checkpoint tensor name relative to the MoE module: the name the reader reads}, for a
+    family whose checkpoint names differ (Granite-MoE's ``input_linear.weight`` ->
+    ``experts.gate_up_proj``); ``router_name``: the block's router submodule (``gate``; Granite:
+    ``router``); ``experts_transposed``: the fused experts are stored ``gate_up_proj [E, D, 2H]``,
+    ``down_proj [E, H, D]`` (Llama 4) rather than ``[E, 2H, D]``, ``[E, D, H]``; ``bias_key``: the
+    block's name of the expert bias (``gate.e_score_correction_bias``; MiniMax-M2: on the block,
+    ``e_score_correction_bias``).
     """
 
     model_type: str
@@ -41,6 +48,10 @@ class Family:
     shared_prefix: str = "shared_experts"
     fp32_router: bool = False
     hf_config: tuple[str, str] | None = None
+    renames: Mapping[str, str] = field(default_factory=dict)
+    router_name: str = "gate"
+    experts_transposed: bool = False
+    bias_key: str = "gate.e_score_correction_bias"
 
 
 _FAMILIES: dict[str, Family] = {}

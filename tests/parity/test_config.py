@@ -30,6 +30,10 @@ from parity.config import EXPERT_KERNELS, MoEConfig
         (dict(num_shared_experts=-1), "num_shared_experts=-1"),
         (dict(shared_hidden_dim=16), "shared_hidden_dim=16 given but num_shared_experts=0"),
         (dict(route_norm=1), "route_norm=1 must be True or False"),
+        (dict(route_norm_eps=-1e-20), "route_norm_eps=-1e-20 must be a finite number >= 0"),
+        (dict(route_norm_eps=float("inf")), "route_norm_eps=inf must be a finite number >= 0"),
+        (dict(route_norm_eps="0"), "route_norm_eps='0' must be a finite number >= 0"),
+        (dict(route_norm_mode="max"), "route_norm_mode='max' is not one of"),
     ],
 )
 def test_invalid_config_names_field_and_value(kwargs, message):

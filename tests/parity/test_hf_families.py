@@ -70,6 +70,18 @@ def _config(case: str):
         return transformers.Qwen3NextConfig(**_COMMON, **_QWEN_ROUTING, norm_topk_prob=True, head_dim=8,
                                             linear_num_key_heads=2, linear_num_value_heads=2,
                                             linear_key_head_dim=8, linear_value_head_dim=8)
+    if case == "granitemoe":  # every layer MoE, top-k of the logits then softmax over the k chosen
+        return transformers.GraniteMoeConfig(**_COMMON, intermediate_size=H, num_local_experts=E, num_experts_per_tok=3)
+    if case == "llama4_text":  # layer 0 dense (interleave step 2), top-2 (the released models: top-1)
+        return transformers.Llama4TextConfig(**_COMMON, head_dim=8, intermediate_size=H, intermediate_size_mlp=32,
+                                             num_local_experts=E, num_experts_per_tok=2, interleave_moe_layer_step=2)
+    if case == "minimax_m2":  # every layer MoE; sigmoid + bias, renormalised by the bare sum
+        return transformers.MiniMaxM2Config(**_COMMON, head_dim=8, intermediate_size=H, num_local_experts=E,
+                                            num_experts_per_tok=3)
+    if case == "ernie4_5_moe":  # layer 0 dense (moe_layer_start_index 1); 2 shared experts
+        return transformers.Ernie4_5_MoeConfig(**_COMMON, head_dim=8, intermediate_size=32, moe_intermediate_size=H,
+                                               moe_num_experts=E, moe_k=3, moe_num_shared_experts=2,
+                                               moe_layer_start_index=1)
     raise AssertionError(case)
 
 
@@ -92,6 +104,19 @@ CASES = {
                          "deepseek-v2-lite"),
     "qwen2_moe": ("qwen2_moe", dict(_QWEN_FIELDS, route_norm=False), "qwen2-moe"),
     "qwen3_next": ("qwen3_next", dict(_QWEN_FIELDS, route_norm=True), "qwen3-next"),
+    "granitemoe": ("granitemoe", dict(score_func="softmax", use_expert_bias=False, route_norm=True, route_scale=1.0,
+                                      top_k=3, num_expert_groups=None, num_shared_experts=0,
+                                      shared_expert_gate=False), "granite-moe"),
+    "llama4_text": ("llama4_text", dict(score_func="sigmoid", use_expert_bias=False, route_norm=False, route_scale=1.0,
+                                        top_k=2, num_expert_groups=None, num_shared_experts=1, shared_dim=H,
+                                        shared_expert_gate=False, score_before_experts=True), "llama4-scout"),
+    "minimax_m2": ("minimax_m2", dict(score_func="sigmoid", use_expert_bias=True, route_norm=True, route_norm_eps=0.0,
+                                      route_scale=1.0, top_k=3, num_expert_groups=None, num_shared_experts=0),
+                   "minimax-m2"),
+    "ernie4_5_moe": ("ernie4_5_moe", dict(score_func="softmax", use_expert_bias=True, route_norm=True,
+                                          route_norm_mode="clamp", route_norm_eps=1e-12, route_scale=1.0, top_k=3,
+                                          num_expert_groups=None, num_shared_experts=2, shared_dim=2 * H,
+                                          shared_expert_gate=False), "ernie-4.5-moe"),
 }
 FAMILIES = tuple(CASES)
 
@@ -107,7 +132,7 @@ def checkpoint(tmp_path_factory):
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():  # scaled like a trained layer so that routing is decisive
                 for name, p in model.named_parameters():
-                    if ".mlp." in name:
+                    if any(f".{m}." in name for m in ("mlp", "block_sparse_moe", "feed_forward")):
                         p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
                 for name, b in model.named_buffers():
                     if name.endswith("e_score_correction_bias"):
@@ -124,6 +149,33 @@ def checkpoint(tmp_path_factory):
         return cache[family]
 
     return make
+
+
+def _moe_block(model):
+    """The MoE block of decoder layer ``LAYER`` (``mlp``; Granite-MoE: ``block_sparse_moe``)."""
+    layer = model.model.layers[LAYER]
+    for name in ("block_sparse_moe", "feed_forward"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    return layer.mlp
+
+
+def _hf_routing(router, x, top_k: int, bias=None):
+    """(weights [N, k], experts [N, k]) of transformers' router on ``x [N, D]`` (MiniMax-M2's takes the
+    block's ``bias``)."""
+    out = router(x) if bias is None else router(x, bias)
+    if len(out) == 2:  # Llama 4: (scores [N, E], zero but at the chosen experts; logits [N, E])
+        idx = out[1].topk(top_k, dim=-1).indices
+        return out[0].gather(-1, idx), idx
+    return out[1], out[2]
+
+
+def _bias(block, model_type: str):
+    """The block's expert bias (``Family.bias_key``)."""
+    obj = block
+    for part in get_family(model_type).bias_key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _x(seed: int = 0) -> np.ndarray:
@@ -154,22 +206,26 @@ def test_family_layer_reference_torch_jax_and_hf_agree(checkpoint, family):
     model_type, fields, _ = CASES[family]
     path, model = checkpoint(family)
     cfg, weights = read_hf_layer(path, LAYER)
-    mlp = model.model.layers[LAYER].mlp
-    gate_up = mlp.experts.gate_up_proj.detach().numpy()
-    want = {"router.gate.weight": mlp.gate.weight.detach().numpy(), "experts.w1": gate_up[:, :H],
-            "experts.w3": gate_up[:, H:], "experts.w2": mlp.experts.down_proj.detach().numpy(),
-            "expert_bias": (mlp.gate.e_score_correction_bias.detach().numpy() if cfg.use_expert_bias
+    mlp = _moe_block(model)
+    router = getattr(mlp, get_family(model_type).router_name)
+    gate_up, down = mlp.experts.gate_up_proj.detach().numpy(), mlp.experts.down_proj.detach().numpy()
+    if get_family(model_type).experts_transposed:
+        gate_up, down = gate_up.transpose(0, 2, 1), down.transpose(0, 2, 1)
+    want = {"router.gate.weight": router.weight.detach().numpy(), "experts.w1": gate_up[:, :H],
+            "experts.w3": gate_up[:, H:], "experts.w2": down,
+            "expert_bias": (_bias(mlp, model_type).detach().numpy().reshape(-1) if cfg.use_expert_bias
                             else np.zeros(E, np.float32))}
-    shared = getattr(mlp, get_family(model_type).shared_prefix)
-    for proj, canon in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
-        want[f"shared_expert.{canon}.weight"] = getattr(shared, proj).weight.detach().numpy()
+    if cfg.num_shared_experts:
+        shared = getattr(mlp, get_family(model_type).shared_prefix)
+        for proj, canon in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            want[f"shared_expert.{canon}.weight"] = getattr(shared, proj).weight.detach().numpy()
     if cfg.shared_expert_gate:
         want["shared_expert_gate.weight"] = mlp.shared_expert_gate.weight.detach().numpy()
     assert sorted(weights) == sorted([*want, "tokens_per_expert"])
     for name, w in want.items():
         np.testing.assert_array_equal(weights[name], w, err_msg=name)
     assert {f: getattr(cfg, f) for f in fields} == fields
-    assert cfg.score_before_experts is False
+    assert cfg.score_before_experts is fields.get("score_before_experts", False)
 
     x = _x()
     ref, aux = reference.moe_forward(weights, x, cfg)
@@ -177,8 +233,10 @@ def test_family_layer_reference_torch_jax_and_hf_agree(checkpoint, family):
     assert type(block).__name__ == get_family(model_type).block[1]
     y_hf = hf_forward(block, x)
     with torch.no_grad():
-        y_model = mlp(torch.from_numpy(x)).numpy()
-        _, hf_w, hf_idx = mlp.gate(torch.from_numpy(x).reshape(-1, D))
+        y_model = mlp(torch.from_numpy(x))
+        y_model = (y_model[0] if isinstance(y_model, tuple) else y_model).reshape(x.shape).numpy()
+        hf_w, hf_idx = _hf_routing(router, torch.from_numpy(x).reshape(-1, D), cfg.top_k,
+                                   _bias(mlp, model_type) if model_type == "minimax_m2" else None)
     assert np.abs(ref).max() > 0.1
     np.testing.assert_allclose(y_hf, ref, **F32)
     np.testing.assert_allclose(y_model, y_hf, **F32)  # the in-memory model (its default experts kernel)
@@ -202,20 +260,84 @@ def test_family_layer_reference_torch_jax_and_hf_agree(checkpoint, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_keeps_router_float32_in_bf16(checkpoint, family):
     block = hf_block(checkpoint(family)[0], LAYER, dtype="bfloat16")
+    router = getattr(block, get_family(CASES[family][0]).router_name)
     if CASES[family][0] in ("qwen2_moe", "qwen3_next"):  # the router is rounded to the model dtype
-        assert block.gate.weight.dtype == torch.bfloat16 and block.shared_expert_gate.weight.dtype == torch.bfloat16
+        assert router.weight.dtype == torch.bfloat16 and block.shared_expert_gate.weight.dtype == torch.bfloat16
         return
-    assert block.gate.weight.dtype == torch.float32
+    if CASES[family][0] in ("granitemoe", "llama4_text", "minimax_m2"):  # no _keep_in_fp32_modules: router rounded, logits cast to float32
+        assert router.weight.dtype == torch.bfloat16 and block.experts.gate_up_proj.dtype == torch.bfloat16
+        return
+    assert router.weight.dtype == torch.float32
     if CASES[family][1]["use_expert_bias"]:
-        assert block.gate.e_score_correction_bias.dtype == torch.float32
+        assert _bias(block, CASES[family][0]).dtype == torch.float32
     assert block.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_granitemoe_topk_then_softmax_is_softmax_topk_renormalise_up_to_rounding():
+    """Granite-MoE's router (top-k of the logits, softmax over the k) vs ``moe_torch``'s
+    ``score_func="softmax", route_norm=True`` (softmax, top-k, renormalise) on 20000 tokens of 40
+    experts, top-8, at three logit scales: the same experts, weights within 4 float32 ULP (measured: at
+    most 3.0 ULP relative), and not bit-equal (the two orders round differently)."""
+    from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeTopKRouter
+
+    import moe_torch
+
+    hf_router = GraniteMoeTopKRouter(transformers.GraniteMoeConfig(hidden_size=D, num_local_experts=40,
+                                                                   num_experts_per_tok=8))
+    ours = moe_torch.TokenChoiceTopKRouter(D, 40, top_k=8, score_func="softmax", route_norm=True)
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for scale in (1.0, 4.0, 16.0):
+        with torch.no_grad():
+            weight = scale * torch.randn(40, D, generator=gen) / D**0.5
+            hf_router.weight.copy_(weight)
+            ours.gate.weight.copy_(weight)
+            x = torch.randn(20000, D, generator=gen)
+            _, hf_w, hf_idx = hf_router(x)
+            r = ours.route(x)
+        order = hf_idx.argsort(-1)
+        np.testing.assert_array_equal(hf_idx.gather(-1, order).numpy(), r.selected_experts.sort(-1).values.numpy())
+        ours_w = r.routing_weights.gather(-1, r.selected_experts.argsort(-1))
+        rel = ((hf_w.gather(-1, order) - ours_w).abs() / ours_w).max().item() / torch.finfo(torch.float32).eps
+        assert rel <= 4.0, (scale, rel)
+        worst = max(worst, rel)
+    assert worst > 0
+
+
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_llama4_topk_then_sigmoid_is_sigmoid_then_topk_bit_for_bit(top_k):
+    """Llama 4's router (top-k of the logits, sigmoid of the chosen) vs ``moe_torch``'s
+    ``score_func="sigmoid", route_norm=False`` (sigmoid, top-k) on 20000 tokens of 16 experts, float32:
+    sigmoid is monotone, so the experts are the same and the weights ``sigmoid(logit)`` bit-equal."""
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    import moe_torch
+
+    hf_router = Llama4Router(transformers.Llama4TextConfig(hidden_size=D, num_local_experts=16,
+                                                           num_experts_per_tok=top_k))
+    ours = moe_torch.TokenChoiceTopKRouter(D, 16, top_k=top_k, score_func="sigmoid", route_norm=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        weight = torch.randn(16, D, generator=gen) / D**0.5
+        hf_router.weight.copy_(weight)
+        ours.gate.weight.copy_(weight)
+        x = torch.randn(20000, D, generator=gen)
+        hf_w, hf_idx = _hf_routing(hf_router, x, top_k)
+        r = ours.route(x)
+    order = hf_idx.argsort(-1)
+    np.testing.assert_array_equal(hf_idx.gather(-1, order).numpy(), r.selected_experts.sort(-1).values.numpy())
+    np.testing.assert_array_equal(hf_w.gather(-1, order).numpy(),
+                                  r.routing_weights.gather(-1, r.selected_experts.argsort(-1)).numpy())
+    assert (hf_router(x)[0] > 0).sum(-1).eq(top_k).all()  # the unchosen experts' scores are sigmoid(-inf) = 0
 
 
 # each family's preset, with the routing of its released config.json (top_k, route_scale, shared experts,
 # groups kept); the layers above are tiny and route differently
 PUBLISHED = {"glm-4.5": (8, 2.5, 1, None), "dots-llm1": (6, 2.5, 2, None), "kimi-k2": (8, 2.827, 1, None),
              "deepseek-v2": (6, 16.0, 2, 3), "deepseek-v2-lite": (6, 1.0, 2, 3), "qwen2-moe": (4, 1.0, 1, None),
-             "qwen3-next": (10, 1.0, 1, None)}
+             "qwen3-next": (10, 1.0, 1, None), "granite-moe": (8, 1.0, 0, None),
+             "llama4-scout": (1, 1.0, 1, None), "minimax-m2": (8, 1.0, 0, None),
+             "ernie-4.5-moe": (6, 1.0, 2, None)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

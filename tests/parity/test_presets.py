@@ -36,8 +36,10 @@ def test_published_routing():
 def test_preset_is_documented_and_runs(name):
     p = PRESETS[name]
     assert p.source and p.scaling
-    if name != "default":
+    if name not in ("default", "llama4-scout"):
         assert p.config.score_before_experts is False  # real models weight the expert outputs
+    if name == "llama4-scout":  # Llama 4 multiplies the expert input by its score
+        assert p.config.score_before_experts is True
     w = init_weights(p.config, 0)
     x = np.random.default_rng(0).standard_normal((1, 4, p.config.dim))
     out, aux = moe_forward(w, x, p.config)

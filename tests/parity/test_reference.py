@@ -23,6 +23,50 @@ def test_group_limited_mask_max_and_top2_sum():
     assert keep_top2.tolist() == [[False, False, False, True, True, True]]
 
 
+@pytest.mark.parametrize("eps, mode", [(1e-20, "add"), (0.0, "add"), (1e-20, "clamp"), (1e-12, "clamp")])
+def test_route_norm_eps_and_mode_reference_torch_and_jax(eps, mode):
+    """DESIGN.md step 5: ``w / (sum + route_norm_eps)`` ("add") or ``w / max(sum, route_norm_eps)``
+    ("clamp", Ernie 4.5). Sigmoid scores of logits near -46 (~1e-20 each) sum to about the epsilon, so
+    every (eps, mode) gives its own total weight, computed here from the logits; reference, moe_torch
+    and moe_jax agree on each (default 1e-20 / "add" = DeepSeek-V3; 0.0 = MiniMax-M2's bare sum)."""
+    x = np.array([[1.0, 0.0], [1.0, 0.5]])
+    gate = np.array([[-46.0, 0.0], [-46.5, 0.0], [-47.0, 0.0], [-48.0, 1.0]])
+    cfg = MoEConfig(dim=2, hidden_dim=4, num_experts=4, top_k=2, route_norm=True, route_norm_eps=eps,
+                    route_norm_mode=mode)
+    w = R.route(x, gate, cfg)["routing_weights"]
+    total = np.sort(1.0 / (1.0 + np.exp(-(x @ gate.T))), -1)[:, -2:].sum(-1)
+    want = total / (np.maximum(total, eps) if mode == "clamp" else total + eps)
+    np.testing.assert_allclose(w.sum(-1), want, rtol=1e-12)
+    for backend in ("torch", "jax"):
+        got = _backend_route_weights(backend, cfg, gate, x)
+        np.testing.assert_allclose(got, w, rtol=1e-5, err_msg=f"{backend} eps={eps} mode={mode}")
+
+
+def test_route_norm_defaults_are_design_step_5():
+    cfg = MoEConfig()
+    assert (cfg.route_norm_eps, cfg.route_norm_mode) == (1e-20, "add")
+
+
+def _backend_route_weights(backend, cfg, gate, x):
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        import moe_torch
+
+        r = moe_torch.TokenChoiceTopKRouter(cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, route_norm=True,
+                                            route_norm_eps=cfg.route_norm_eps, route_norm_mode=cfg.route_norm_mode)
+        with torch.no_grad():
+            r.gate.weight.copy_(torch.from_numpy(gate))
+            return r.route(torch.from_numpy(x).float()).routing_weights.numpy()
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from moe_jax.router import route
+
+    return np.asarray(route(jnp.asarray(x, jnp.float32), jnp.asarray(gate.T, jnp.float32), top_k=cfg.top_k,
+                            score_func=cfg.score_func, route_norm=True, route_scale=1.0,
+                            route_norm_eps=cfg.route_norm_eps, route_norm_mode=cfg.route_norm_mode).routing_weights)
+
+
 def test_route_bias_steers_selection_but_not_weights():
     cfg = MoEConfig(dim=2, hidden_dim=4, num_experts=4, top_k=1, use_expert_bias=True)
     gate = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [-1.0, 0.0]])
