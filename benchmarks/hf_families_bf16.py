@@ -5,10 +5,12 @@ Per family: a random model built with transformers (D=64, 16 experts, top-4, lay
 scaled like a trained layer), 256 bf16 tokens; prints how many tokens each pair routes to a different
 expert set and the largest output difference in bf16 ULPs of the output's largest value (also on
 the tokens both route alike). moe_torch runs cast to bf16, its router kept float32 (and reloaded)
-where transformers keeps it so. CPU, about a minute: ``python benchmarks/hf_families_bf16.py``.
+where transformers keeps it so. CPU, about a minute: ``python benchmarks/hf_families_bf16.py``
+(``python benchmarks/hf_families_bf16.py gemma4_text dbrx``: those families only).
 """
 
 import json
+import sys
 import tempfile
 
 import numpy as np
@@ -49,12 +51,31 @@ cases = {
     "ernie4_5_moe": transformers.Ernie4_5_MoeConfig(**common, head_dim=32, intermediate_size=32,
                                                     moe_intermediate_size=H, moe_num_experts=E, moe_k=4,
                                                     moe_num_shared_experts=2, moe_layer_start_index=1),
+    "gpt_oss": transformers.GptOssConfig(**common, head_dim=32, intermediate_size=H, num_local_experts=E,
+                                         num_experts_per_tok=4),
+    "gemma4_text": transformers.Gemma4TextConfig(**common, head_dim=32, intermediate_size=32, enable_moe_block=True,
+                                                 num_experts=E, top_k_experts=4, moe_intermediate_size=H,
+                                                 hidden_size_per_layer_input=0, vocab_size_per_layer_input=32),
+    "dbrx": transformers.DbrxConfig(vocab_size=32, d_model=D, n_heads=2, n_layers=2, max_seq_len=32,
+                                    attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+                                    ffn_config=dict(ffn_hidden_size=H, moe_num_experts=E, moe_top_k=4,
+                                                    moe_normalize_expert_weights=1.0)),
+    "jetmoe": transformers.JetMoeConfig(vocab_size=32, hidden_size=D, num_hidden_layers=2, num_key_value_heads=2,
+                                        kv_channels=16, intermediate_size=H, num_local_experts=E,
+                                        num_experts_per_tok=4, max_position_embeddings=32),
 }
+# the MoE tensors of each model (Gemma 4's router and experts sit on the decoder layer; DBRX's under ffn)
+MOE_PARTS = (".mlp.", ".block_sparse_moe.", ".feed_forward.", ".router.", ".experts.", ".ffn.",
+             "pre_feedforward_layernorm_2")
 
 
 def hf_experts(block, family, x):
     """transformers' chosen experts [N, k] of ``x [N, D]``."""
     router = getattr(block, family.router_name)
+    if family.model_type == "dbrx":  # logits only; the block routes
+        return block.route_tokens_to_experts(router(x))[1]
+    if family.model_type == "jetmoe":  # (sorted slots, ...): top-k of the float32 logits, as its gating does
+        return router.layer(x).float().topk(router.top_k, dim=1).indices
     if family.model_type == "llama4_text":  # (scores, logits): top-k of the logits
         return router(x)[1].topk(block.top_k, dim=-1).indices
     if family.model_type == "minimax_m2":  # the bias is the block's
@@ -64,12 +85,18 @@ def hf_experts(block, family, x):
 
 rows = {}
 for name, hcfg in cases.items():
+    if sys.argv[1:] and name not in sys.argv[1:]:  # families named on the command line only
+        continue
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hcfg)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if any(f".{m}." in n for m in ("mlp", "block_sparse_moe", "feed_forward")):
+            if not any(m in n for m in MOE_PARTS):
+                continue
+            if p.ndim == 1 and not n.endswith("bias"):  # scales and norm weights (Gemma 4) around 1
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):

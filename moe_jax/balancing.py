@@ -13,7 +13,7 @@ from jax import lax
 
 
 def load_balance_loss(scores: jax.Array, selected_experts: jax.Array, num_experts: int, coeff: float,
-                      kind: str = "switch", batch: int = 1) -> jax.Array:
+                      kind: str = "switch", batch: int = 1, kept: jax.Array | None = None) -> jax.Array:
     """Switch-style balance loss ``coeff * E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4). Scalar f32.
 
     scores (N, E) f32; selected_experts (N, k) int. ``f_i``: fraction of the N*k routed slots that
@@ -33,7 +33,10 @@ def load_balance_loss(scores: jax.Array, selected_experts: jax.Array, num_expert
     if n == 0:
         return scores.sum() * jnp.asarray(0, dt)  # an empty sum: exactly 0, connected to ``scores``
     probs = (scores / scores.sum(-1, keepdims=True)).reshape(batch, n // batch, num_experts)
-    onehot = jax.nn.one_hot(selected_experts, num_experts, dtype=dt).sum(1)  # (N, E)
+    onehot = jax.nn.one_hot(selected_experts, num_experts, dtype=dt)  # (N, k, E)
+    if kept is not None:  # (6a) capacity_stats="kept": only kept slots count, still over N*k
+        onehot = jnp.where(kept[..., None], onehot, jnp.zeros((), dt))
+    onehot = onehot.sum(1)  # (N, E)
     frac = onehot.reshape(batch, n // batch, num_experts).sum(1) / (n // batch * k)  # (B, E)
     frac = lax.stop_gradient(frac)
     return jnp.asarray(coeff * num_experts, dt) * (frac * probs.mean(1)).sum(-1).mean()

@@ -15,10 +15,12 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.balancing import load_balance_loss, router_z_loss
+from moe_jax.capacity import drop_tokens, run_experts
 from moe_jax.experts import GroupedExperts
 from moe_jax.feed_forward import FeedForward, normal_init
+from moe_jax.norm import rms_norm
 from moe_jax.router import TokenChoiceTopKRouter
-from parity.config import BALANCE_FROM_COEFF, JAX_KERNELS, MoEConfig, layer_config
+from parity.config import BALANCE_FROM_COEFF, CAPACITY_FIELDS, JAX_KERNELS, MoEConfig, layer_config
 
 
 class Buffer(nnx.Variable):
@@ -139,8 +141,12 @@ class MoE(nnx.Module):
     the JAX kernels). ``config`` is the ``MoEConfig`` of the live attributes; ``load_balance_coeff``
     reads None when no balance loss is on.
 
-    State: ``router.gate`` (D, E), ``experts.w1/w2/w3``, ``shared_expert`` (a ``FeedForward`` or None),
-    ``shared_expert_gate`` ((D, 1), with ``shared_expert_gate=True``, or None) as ``nnx.Param`` in
+    State: ``router.gate`` (D, E) (and ``router.bias`` (E,) with ``router_bias``), ``experts.w1/w2/w3``
+    (and ``experts.b1/b3`` (E, H), ``b2`` (E, D) with ``expert_proj_bias``; the activation by
+    ``expert_activation``, DESIGN.md step 7), ``shared_expert`` (a ``FeedForward`` or None),
+    ``shared_expert_gate`` ((D, 1), with ``shared_expert_gate=True``, or None), Gemma 4's
+    ``router.scale`` (D,), ``router.per_expert_scale`` (E,) and ``expert_input_norm`` (D,) (with
+    ``router_input_norm`` / ``per_expert_scale`` / ``expert_input_norm``, else None) as ``nnx.Param`` in
     ``param_dtype``; buffers ``expert_bias`` (E,) and ``tokens_per_expert`` (E,),
     always float32. Canonical names and layouts: ``moe_jax.load_state_dict`` / ``moe_jax.state_dict``.
 
@@ -152,6 +158,9 @@ class MoE(nnx.Module):
     (N, E) f32, ``selected_experts`` (N, k) int32, ``routing_weights`` (N, k) f32,
     ``tokens_per_expert`` (E,) f32 (this call), plus ``load_balance_loss`` / ``router_z_loss`` (scalar
     f32) when enabled. ``selected_experts=`` (N, k) int replaces step (4) (locked routing).
+    With a capacity (step 6a, ``moe_jax.capacity``) ``aux`` also holds ``kept_slots`` (N, k) bool,
+    ``routing_weights`` are the weights the combine uses (0 at dropped slots), and ``kept_slots=``
+    (N, k) bool replaces the drop decision (a ValueError on a dropless layer).
     Raises ValueError for a wrong rank or last dimension or a ``selected_experts`` value outside
     [0, E) (under ``jit``: a host callback, surfacing as a JaxRuntimeError with that message),
     TypeError for a dtype mismatch or an ``x`` that is not an array (e.g. a list).
@@ -190,20 +199,30 @@ class MoE(nnx.Module):
         self.use_expert_bias = cfg.use_expert_bias
         self.load_balance_loss = cfg.load_balance_loss
         self._balance_coeff = cfg.load_balance_coeff
+        # (6a) capacity options, fixed at construction (a tuple: static, not state)
+        self._capacity = tuple((f, getattr(cfg, f)) for f in CAPACITY_FIELDS)
+        self._capacity_on = cfg.capacity_factor is not None or cfg.expert_capacity is not None
         self.router_z_loss_coeff = cfg.router_z_loss_coeff
         self.deterministic = False
         self.router = TokenChoiceTopKRouter(
             cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.num_expert_groups, cfg.num_limited_groups,
             cfg.route_scale, route_norm=cfg.route_norm, group_score=cfg.group_score,
             route_order=cfg.route_order, route_norm_eps=cfg.route_norm_eps,
-            route_norm_mode=cfg.route_norm_mode, rngs=rngs, param_dtype=param_dtype)
+            route_norm_mode=cfg.route_norm_mode, route_norm_p=cfg.route_norm_p,
+            router_input_norm=cfg.router_input_norm, per_expert_scale=cfg.per_expert_scale,
+            input_norm_eps=cfg.input_norm_eps, router_bias=cfg.router_bias, rngs=rngs, param_dtype=param_dtype)
         self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.expert_kernel, rngs=rngs,
-                                      param_dtype=param_dtype)
+                                      param_dtype=param_dtype, expert_activation=cfg.expert_activation,
+                                      swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
+                                      expert_proj_bias=cfg.expert_proj_bias)
         self.shared_expert = (FeedForward(cfg.dim, cfg.shared_dim, rngs=rngs, param_dtype=param_dtype)
                               if cfg.num_shared_experts else None)
         # (9) Qwen2-MoE's per-token sigmoid gate on the shared expert (x @ gate: D -> 1), or None
         self.shared_expert_gate = (nnx.Param(normal_init(rngs.params(), (cfg.dim, 1), cfg.dim, param_dtype))
                                    if cfg.shared_expert_gate else None)
+        # (6) Gemma 4's RMSNorm weight (D,) of the routed experts' input (ones), or None
+        self.expert_input_norm = (nnx.Param(jnp.ones((cfg.dim,), param_dtype)) if cfg.expert_input_norm
+                                  else None)
         self.expert_bias = Buffer(jnp.zeros((cfg.num_experts,), jnp.float32))
         self.tokens_per_expert = Buffer(jnp.zeros((cfg.num_experts,), jnp.float32))
 
@@ -227,13 +246,25 @@ class MoE(nnx.Module):
             score_func=r.score_func, route_norm=r.route_norm, route_scale=r.route_scale,
             num_expert_groups=r.num_expert_groups, num_limited_groups=r.num_limited_groups,
             group_score=r.group_score, route_order=r.route_order, route_norm_eps=r.route_norm_eps,
-            route_norm_mode=r.route_norm_mode,
+            route_norm_mode=r.route_norm_mode, route_norm_p=r.route_norm_p, input_norm_eps=r.input_norm_eps,
+            router_input_norm=r.router_input_norm, per_expert_scale=r.per_expert_scale is not None,
+            expert_input_norm=self.expert_input_norm is not None,
+            router_bias=r.router_bias, expert_activation=self.experts.expert_activation,
+            swiglu_alpha=self.experts.swiglu_alpha, swiglu_limit=self.experts.swiglu_limit,
+            expert_proj_bias=self.experts.expert_proj_bias,
             score_before_experts=self.score_before_experts,
             num_shared_experts=self.num_shared_experts, shared_hidden_dim=self.shared_hidden_dim,
             shared_expert_gate=self.shared_expert_gate is not None,
             expert_kernel=self.experts.expert_kernel, use_expert_bias=self.use_expert_bias,
             load_balance_loss=self.load_balance_loss, load_balance_coeff=self._balance_coeff,
-            router_z_loss_coeff=self.router_z_loss_coeff)
+            router_z_loss_coeff=self.router_z_loss_coeff, **dict(self._capacity))
+
+    def expert_tokens(self, tokens: jax.Array) -> jax.Array:
+        """(6) What the routed experts see: ``tokens`` (N, D), or with ``expert_input_norm`` (Gemma 4)
+        ``rms_norm(tokens) * expert_input_norm`` computed in float32 and cast to the tokens' dtype."""
+        if self.expert_input_norm is None:
+            return tokens
+        return rms_norm(tokens, self.router.input_norm_eps, self.expert_input_norm[...]).astype(tokens.dtype)
 
     def _check_input(self, x: jax.Array, selected_experts: jax.Array | None) -> None:
         for name, value in (("x", x), ("selected_experts", selected_experts)):
@@ -265,7 +296,8 @@ class MoE(nnx.Module):
         else:
             check(lo, hi)
 
-    def __call__(self, x: jax.Array, return_aux: bool = False, selected_experts: jax.Array | None = None):
+    def __call__(self, x: jax.Array, return_aux: bool = False, selected_experts: jax.Array | None = None,
+                 kept_slots: jax.Array | None = None):
         self._check_input(x, selected_experts)
         b, s, d = x.shape
         tokens = x.reshape(b * s, d)
@@ -273,12 +305,26 @@ class MoE(nnx.Module):
         # (1)-(5) router
         aux = self.router.route(tokens, expert_bias=bias, selected_experts=selected_experts)._asdict()
         idx, w = aux["selected_experts"], aux["routing_weights"]
-        # (6) stable expert-major dispatch
-        order, inverse, counts = dispatch(idx, self.num_experts)
+        # (6a) capacity: each expert keeps its first C slots per group; dropped slots weigh 0
+        kept, cap_cfg = None, self.config if self._capacity_on else None
+        if cap_cfg is not None:
+            kept, w, _ = drop_tokens(idx, w, cap_cfg, b, kept_slots)
+            aux["routing_weights"], aux["kept_slots"] = w, kept
+        elif kept_slots is not None:
+            raise ValueError("kept_slots given but the layer is dropless (capacity_factor and expert_capacity "
+                             "are None)")
+        # (6) stable expert-major dispatch (dropped slots sort after every expert's: index E)
+        order, inverse, counts = dispatch(idx if kept is None else jnp.where(kept, idx, self.num_experts),
+                                          self.num_experts)
         aux["tokens_per_expert"] = counts.astype(jnp.float32)
-        routed = permute(tokens, w, order, inverse, self.score_before_experts)
+        if kept is not None and cap_cfg.capacity_stats == "selected":
+            aux["tokens_per_expert"] = jnp.bincount(idx.reshape(-1), length=self.num_experts).astype(jnp.float32)
+        routed = permute(self.expert_tokens(tokens), w, order, inverse, self.score_before_experts)
         # (7) experts, in the input dtype
-        expert_out = self.experts(routed, counts)
+        if kept is None:
+            expert_out = self.experts(routed, counts)
+        else:
+            expert_out = run_experts(self.experts, routed, counts, cap_cfg, b, s)
         # (8) combine in float32, back to the input dtype
         out = combine(expert_out, w, order, inverse, self.score_before_experts).astype(x.dtype)
         # (9) shared experts see every token (scaled by their sigmoid gate when there is one)
@@ -292,7 +338,7 @@ class MoE(nnx.Module):
         if self.load_balance_loss is not None:
             aux["load_balance_loss"] = load_balance_loss(
                 aux["scores"], idx, self.num_experts, self._balance_coeff, self.load_balance_loss,
-                batch=b)
+                batch=b, kept=kept if cap_cfg is not None and cap_cfg.capacity_stats == "kept" else None)
         if self.router_z_loss_coeff > 0:
             aux["router_z_loss"] = router_z_loss(aux["router_logits"], self.router_z_loss_coeff)
         out = out.reshape(b, s, d)

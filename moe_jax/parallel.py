@@ -52,18 +52,21 @@ by the ``tp`` size, a batch not divisible by the ``ep`` size, an unknown ``excha
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.balancing import load_balance_loss, router_z_loss
+from moe_jax.capacity import drop_tokens
 from moe_jax.moe import MoE, combine, dispatch, permute, permute_rows
 
-__all__ = ["EXCHANGES", "axis_size", "check_parallel", "param_specs", "shard_moe", "sharded_call",
+__all__ = ["EXCHANGES", "axis_size", "check_parallel", "param_specs", "place", "shard_moe", "sharded_call",
            "parallel_call", "resolve_exchange"]
 
 EXCHANGES = ("auto", "all_gather", "ragged_all_to_all")
@@ -80,17 +83,23 @@ def axis_size(mesh: Mesh, name: str, what: str = "moe_jax.parallel") -> int:
     return mesh.shape[name]
 
 
-def check_parallel(moe: MoE, mesh: Mesh, ep_axis: str | None = "ep", tp_axis: str | None = None) -> tuple[int, int]:
+def check_parallel(moe: MoE, mesh: Mesh, ep_axis: str | None = "ep", tp_axis: str | None = None,
+                   dp_axis: str | tuple[str, ...] | None = None) -> tuple[int, int]:
     """Validate ``moe`` against ``mesh``; returns (ep size, tp size) (1 for an axis that is None).
 
-    Raises ValueError for a missing axis, ``num_experts % ep``, ``hidden_dim % tp`` or
-    ``shared_hidden_dim % tp`` != 0, and when neither axis is given; TypeError for a non-MoE module.
+    Raises ValueError for a missing axis (``dp_axis`` included), ``num_experts % ep``, ``hidden_dim % tp``
+    or ``shared_hidden_dim % tp`` != 0, and when no axis is given; TypeError for a non-MoE module.
     """
     if not isinstance(moe, MoE):
         raise TypeError(f"moe_jax.parallel applies to a moe_jax.MoE, got {type(moe).__name__}")
-    if ep_axis is None and tp_axis is None:
+    dp_axes = (_token_axes(dp_axis, None) or ())
+    if ep_axis is None and tp_axis is None and not dp_axes:
         raise ValueError("moe_jax.parallel: give ep_axis and/or tp_axis (both are None)")
+    for name in dp_axes:
+        axis_size(mesh, name)
     ep = tp = 1
+    if moe.experts.expert_proj_bias:  # NOTE: b1/b2/b3 are not sharded (nor b2 kept off the TP partial sums) yet
+        raise ValueError("moe_jax.parallel: expert_proj_bias=True (experts.b1/b2/b3) is not supported yet")
     if ep_axis is not None:
         ep = axis_size(mesh, ep_axis)
         if moe.num_experts % ep:
@@ -131,14 +140,29 @@ def param_specs(state: nnx.State, ep_axis: str | None = "ep", tp_axis: str | Non
     return jax.tree_util.tree_map_with_path(spec, state)
 
 
-def shard_moe(moe: MoE, mesh: Mesh, ep_axis: str | None = "ep", tp_axis: str | None = None) -> None:
+def shard_moe(moe: MoE, mesh: Mesh, ep_axis: str | None = "ep", tp_axis: str | None = None,
+              dp_axis: str | tuple[str, ...] | None = None) -> None:
     """Place ``moe``'s variables on ``mesh`` in place: expert weights ``NamedSharding(mesh, P(ep, ...))``
-    (hidden dim on ``tp``), everything else replicated. Raises as ``check_parallel``."""
-    check_parallel(moe, mesh, ep_axis, tp_axis)
+    (hidden dim on ``tp``), everything else replicated (over ``dp_axis`` everything is replicated;
+    give it for a mesh of data-parallel axes only). Works in a multi-process run (``place``).
+    Raises as ``check_parallel``."""
+    check_parallel(moe, mesh, ep_axis, tp_axis, dp_axis)
     state = nnx.state(moe)
     specs = param_specs(state, ep_axis, tp_axis)
-    placed = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), state, specs)
+    placed = jax.tree.map(lambda a, s: place(a, NamedSharding(mesh, s)), state, specs)
     nnx.update(moe, placed)
+
+
+def place(a, sharding: NamedSharding) -> jax.Array:
+    """``a`` (a host or single-process array holding the *whole* value) as a global array on ``sharding``.
+
+    In one process this is ``jax.device_put``; when ``sharding`` spans devices of other processes
+    (``jax.distributed.initialize``), each process builds its own shards from its copy of ``a``
+    (``jax.make_array_from_callback``), so every process must hold the same ``a``."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(a, sharding)
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def resolve_exchange(exchange: str, platform: str | None = None) -> str:
@@ -231,27 +255,39 @@ def ragged_combine(y: jax.Array, plan, ep_axis: str) -> jax.Array:
 
 
 # -------------------------------------------------------------------------- per-shard forward
-def _global_losses(moe: MoE, aux: dict, batch: int, ep_axis: str | None) -> None:
-    """Add the enabled aux losses to ``aux``: whole-batch values over ``ep_axis`` (formulas of
-    ``moe_jax.balancing``; "switch"/z-loss from summed statistics, "sequence" from per-shard losses
-    weighted by their batch; each shard holds whole sequences)."""
+def _token_axes(dp_axis, ep_axis) -> tuple[str, ...] | None:
+    """The mesh axes whose shards hold different tokens: ``dp_axis`` (a name or a tuple) and ``ep_axis``."""
+    dp = () if dp_axis is None else (dp_axis,) if isinstance(dp_axis, str) else tuple(dp_axis)
+    axes = (*dp, *(() if ep_axis is None else (ep_axis,)))
+    return axes or None
+
+
+def _global_losses(moe: MoE, aux: dict, batch: int, ep_axis: str | tuple[str, ...] | None) -> None:
+    """Add the enabled aux losses to ``aux``: whole-batch values over ``ep_axis`` (an axis name or the
+    tuple of token axes, dp and ep; formulas of ``moe_jax.balancing``; "switch"/z-loss from summed
+    statistics, "sequence" from per-shard losses weighted by their batch; each shard holds whole sequences)."""
     scores, idx = aux["scores"], aux["selected_experts"]
     n, k = idx.shape
     e = moe.num_experts
-    ep = 1 if ep_axis is None else lax.axis_size(ep_axis)
+    ep = 1 if ep_axis is None else lax.psum(1, ep_axis)  # the number of token shards
     dt = jnp.promote_types(scores.dtype, jnp.float32)
 
     def total(v):
         return v if ep_axis is None else lax.psum(v, ep_axis)
 
+    # (6a) with capacity_stats="kept" the loss counts the kept slots only (still over N*k)
+    kept = aux.get("kept_slots") if dict(moe._capacity)["capacity_stats"] == "kept" else None
     if moe.load_balance_loss == "switch":
-        counts = lax.stop_gradient(total(jax.nn.one_hot(idx, e, dtype=dt).sum((0, 1))))
+        onehot = jax.nn.one_hot(idx, e, dtype=dt)
+        if kept is not None:
+            onehot = jnp.where(kept[..., None], onehot, jnp.zeros((), dt))
+        counts = lax.stop_gradient(total(onehot.sum((0, 1))))
         probs = total((scores / scores.sum(-1, keepdims=True)).astype(dt).sum(0))
         n_all = n * ep
         aux["load_balance_loss"] = jnp.asarray(moe.load_balance_coeff * e, dt) * (
             (counts / (n_all * k)) * (probs / n_all)).sum()
     elif moe.load_balance_loss == "sequence":
-        local = load_balance_loss(scores, idx, e, moe.load_balance_coeff, "sequence", batch=batch)
+        local = load_balance_loss(scores, idx, e, moe.load_balance_coeff, "sequence", batch=batch, kept=kept)
         aux["load_balance_loss"] = total(local * batch) / (batch * ep)
     if moe.router_z_loss_coeff > 0:
         if ep_axis is None:
@@ -263,15 +299,17 @@ def _global_losses(moe: MoE, aux: dict, batch: int, ep_axis: str | None) -> None
 
 def parallel_call(moe: MoE, x: jax.Array, *, ep_axis: str | None = "ep", tp_axis: str | None = None,
                   return_aux: bool = False, selected_experts: jax.Array | None = None,
-                  exchange: str = "auto"):
-    """``moe(x)`` on one shard, inside ``shard_map`` over ``ep_axis`` / ``tp_axis``.
+                  exchange: str = "auto", dp_axis: str | tuple[str, ...] | None = None):
+    """``moe(x)`` on one shard, inside ``shard_map`` over ``dp_axis`` / ``ep_axis`` / ``tp_axis``.
 
     ``moe`` holds this shard's parameters (``E / ep`` experts, ``H / tp`` hidden units; the rest whole);
-    ``x`` (b, S, D) this shard's sequences (different along ``ep``, the same along ``tp``);
+    ``x`` (b, S, D) this shard's sequences (different along ``dp`` and ``ep``, the same along ``tp``);
     ``selected_experts`` (b*S, k) or None. Returns out (b, S, D) and, with ``return_aux``, the aux dict
     of ``MoE.__call__`` for this shard's tokens (``tokens_per_expert`` its own counts) with the losses
-    as whole-batch values. A training-mode module adds its own counts to ``tokens_per_expert``; follow
-    with ``moe_jax.update_expert_bias(moe, lr, group=ep_axis)``.
+    as whole-batch values (over dp x ep). A training-mode module adds its own counts to
+    ``tokens_per_expert``; follow with ``moe_jax.update_expert_bias(moe, lr, group=(dp_axis, ep_axis))``.
+    ``dp_axis`` (data parallel): shards holding other tokens and the same experts; the exchange stays
+    within ``ep_axis``.
     """
     moe._check_input(x, selected_experts)
     b, s, d = x.shape
@@ -280,13 +318,23 @@ def parallel_call(moe: MoE, x: jax.Array, *, ep_axis: str | None = "ep", tp_axis
     # (1)-(5) router, replicated: every shard routes its own tokens over all E experts
     aux = moe.router.route(tokens, expert_bias=bias, selected_experts=selected_experts)._asdict()
     idx, w = aux["selected_experts"], aux["routing_weights"]
+    # (6a) capacity over this shard's tokens: each shard holds whole sequences, so "sequence" groups
+    # are those of one device; "batch" groups are this shard's batch (DESIGN.md, step 6a)
+    kept = None
+    if moe._capacity_on:
+        kept, w, _ = drop_tokens(idx, w, moe.config, b)
+        aux["routing_weights"], aux["kept_slots"] = w, kept
+    routed_idx = idx if kept is None else jnp.where(kept, idx, moe.num_experts)  # dropped: no expert
     # (6) stable expert-major dispatch on this shard, then the exchange over ep
-    order, inverse, counts = dispatch(idx, moe.num_experts)
+    order, inverse, counts = dispatch(routed_idx, moe.num_experts)
     aux["tokens_per_expert"] = counts.astype(jnp.float32)
-    routed = permute(tokens, w, order, inverse, moe.score_before_experts)
+    if kept is not None and dict(moe._capacity)["capacity_stats"] == "selected":
+        aux["tokens_per_expert"] = jnp.bincount(idx.reshape(-1), length=moe.num_experts).astype(jnp.float32)
+    routed = permute(moe.expert_tokens(tokens), w, order, inverse, moe.score_before_experts)  # (6) Gemma 4's norm
     if ep_axis is not None:
         if resolve_exchange(exchange) == "all_gather":
-            rows, local_counts, plan = gather_dispatch(routed, idx.reshape(-1)[order], moe.num_experts, ep_axis)
+            rows, local_counts, plan = gather_dispatch(routed, routed_idx.reshape(-1)[order], moe.num_experts,
+                                                       ep_axis)
         else:
             rows, local_counts, plan = ragged_dispatch(routed, counts, ep_axis)
     else:
@@ -298,6 +346,8 @@ def parallel_call(moe: MoE, x: jax.Array, *, ep_axis: str | None = "ep", tp_axis
         y = combine_back(y, plan, ep_axis)
     if tp_axis is not None:
         y = lax.psum(y, tp_axis)  # partial sums over the hidden slices
+    if kept is not None:  # (6a) the dropped rows (after every kept row) add exactly nothing
+        y = jnp.where((jnp.arange(y.shape[0]) < counts.sum())[:, None], y, jnp.zeros((), y.dtype))
     # (8) combine in float32, back to the input dtype
     out = combine(y, w, order, inverse, moe.score_before_experts).astype(x.dtype)
     # (9) shared experts see every token
@@ -309,62 +359,76 @@ def parallel_call(moe: MoE, x: jax.Array, *, ep_axis: str | None = "ep", tp_axis
         out = out + shared
     if not moe.deterministic:
         moe.tokens_per_expert[...] = moe.tokens_per_expert[...] + aux["tokens_per_expert"]
-    _global_losses(moe, aux, b, ep_axis)
+    _global_losses(moe, aux, b, _token_axes(dp_axis, ep_axis))
     out = out.reshape(b, s, d)
     return (out, aux) if return_aux else out
 
 
 # ------------------------------------------------------------------------------ outside shard_map
 @functools.lru_cache(maxsize=64)
-def _sharded_fn(graphdef, mesh: Mesh, specs_leaves, specs_def, ep_axis, tp_axis, exchange, with_sel, aux_keys):
-    """The jitted ``shard_map`` of ``parallel_call`` for one module structure and mesh (cached)."""
+def _sharded_fn(graphdef, mesh: Mesh, specs_leaves, specs_def, ep_axis, tp_axis, exchange, with_sel, aux_keys,
+                dp_axis=None, top_k=1):
+    """The jitted ``shard_map`` of ``parallel_call`` for one module structure and mesh (cached).
+
+    Without ``with_sel`` the function takes (state, x) only (no host array to place: in a
+    multi-process run every argument must be a global array)."""
     specs = jax.tree_util.tree_unflatten(specs_def, specs_leaves)
-    tok = P(ep_axis)
+    axes = _token_axes(dp_axis, ep_axis)
+    tok = P(axes)
 
     def body(state, x, sel):
         m = nnx.merge(graphdef, state)
         m.deterministic = True  # counts are added outside, as whole-batch counts
-        out, aux = parallel_call(m, x, ep_axis=ep_axis, tp_axis=tp_axis, return_aux=True,
+        out, aux = parallel_call(m, x, ep_axis=ep_axis, tp_axis=tp_axis, dp_axis=dp_axis, return_aux=True,
                                  selected_experts=sel if with_sel else None, exchange=exchange)
-        if ep_axis is not None:
-            aux["tokens_per_expert"] = lax.psum(aux["tokens_per_expert"], ep_axis)
+        if axes is not None:
+            aux["tokens_per_expert"] = lax.psum(aux["tokens_per_expert"], axes)
         return out, aux
 
     aux_specs = {"router_logits": tok, "scores": tok, "selected_experts": tok, "routing_weights": tok,
-                 "tokens_per_expert": P(), "load_balance_loss": P(), "router_z_loss": P()}
-
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P(ep_axis), tok),
-                                 out_specs=(P(ep_axis), {k: aux_specs[k] for k in aux_keys}), check_vma=False))
+                 "tokens_per_expert": P(), "load_balance_loss": P(), "router_z_loss": P(), "kept_slots": tok}
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs, tok, tok),
+                           out_specs=(tok, {k: aux_specs[k] for k in aux_keys}), check_vma=False)
+    if with_sel:
+        return jax.jit(mapped)
+    return jax.jit(lambda state, x: mapped(state, x, jnp.zeros((x.shape[0] * x.shape[1], top_k), jnp.int32)))
 
 
 def sharded_call(moe: MoE, x: jax.Array, mesh: Mesh, *, ep_axis: str | None = "ep", tp_axis: str | None = None,
-                 return_aux: bool = False, selected_experts: jax.Array | None = None, exchange: str = "auto"):
-    """``moe(x)`` with expert (``ep_axis``) and/or tensor (``tp_axis``) parallelism over ``mesh``.
+                 return_aux: bool = False, selected_experts: jax.Array | None = None, exchange: str = "auto",
+                 dp_axis: str | tuple[str, ...] | None = None):
+    """``moe(x)`` with data (``dp_axis``), expert (``ep_axis``) and/or tensor (``tp_axis``) parallelism over ``mesh``.
 
-    ``x`` (B, S, D) global, split on B over ``ep_axis`` (``B % ep == 0``); ``selected_experts`` (B*S, k)
-    or None (locked routing). Returns global arrays as ``MoE.__call__`` does: out (B, S, D) and, with
-    ``return_aux``, the aux dict of the whole batch (``tokens_per_expert`` summed over shards, losses
-    whole-batch values). A training-mode ``moe`` adds the whole batch's counts to
-    ``moe.tokens_per_expert``. Differentiable (``jax.grad`` / ``nnx.grad``): expert gradients are
-    the full ones (never scaled by ``ep``), replicated parameters get the whole batch's gradient.
-    Raises as ``check_parallel``, plus ValueError for a batch not divisible by ``ep``.
+    ``x`` (B, S, D) global, split on B over ``dp_axis`` x ``ep_axis`` (``B % (dp * ep) == 0``);
+    ``selected_experts`` (B*S, k) or None (locked routing). Returns global arrays as ``MoE.__call__``
+    does: out (B, S, D) and, with ``return_aux``, the aux dict of the whole batch (``tokens_per_expert``
+    summed over shards, losses whole-batch values). A training-mode ``moe`` adds the whole batch's counts
+    to ``moe.tokens_per_expert``. Differentiable (``jax.grad`` / ``nnx.grad``): expert gradients are
+    the full ones (never scaled by ``ep``; summed over ``dp`` by ``shard_map``'s transpose, as the
+    experts are replicated there), replicated parameters get the whole batch's gradient. Works the
+    same in a multi-process run (``jax.distributed.initialize``, ``mesh`` over ``jax.devices()``)
+    with ``x`` and ``moe``'s variables global arrays (``shard_moe``, ``jax.make_array_from_callback``).
+    Raises as ``check_parallel``, plus ValueError for a batch not divisible by ``dp * ep``.
     """
-    ep, _ = check_parallel(moe, mesh, ep_axis, tp_axis)
+    ep, _ = check_parallel(moe, mesh, ep_axis, tp_axis, dp_axis)
+    shards = math.prod(mesh.shape[a] for a in (_token_axes(dp_axis, ep_axis) or ()))
     resolve_exchange(exchange)
     moe._check_input(x, selected_experts)
-    if x.shape[0] % ep:
-        raise ValueError(f"x has batch {x.shape[0]}, not divisible by the {ep_axis!r} mesh size {ep}: each "
-                         f"shard takes whole sequences")
+    if x.shape[0] % shards:
+        what = f"the {ep_axis!r} mesh size {ep}" if dp_axis is None else f"the {shards} token shards (dp x ep)"
+        raise ValueError(f"x has batch {x.shape[0]}, not divisible by {what}: each shard takes whole sequences")
     graphdef, state = nnx.split(moe)
     leaves, treedef = jax.tree_util.tree_flatten(param_specs(state, ep_axis, tp_axis))
     aux_keys = ("router_logits", "scores", "selected_experts", "routing_weights", "tokens_per_expert")
     aux_keys += ("load_balance_loss",) * (moe.load_balance_loss is not None)
     aux_keys += ("router_z_loss",) * (moe.router_z_loss_coeff > 0)
+    aux_keys += ("kept_slots",) * moe._capacity_on  # (6a)
     fn = _sharded_fn(graphdef, mesh, tuple(leaves), treedef, ep_axis, tp_axis, exchange,
-                     selected_experts is not None, aux_keys)
-    sel = (jnp.zeros((x.shape[0] * x.shape[1], moe.top_k), jnp.int32) if selected_experts is None
-           else jnp.asarray(selected_experts, jnp.int32))
-    out, aux = fn(state, x, sel)
+                     selected_experts is not None, aux_keys, dp_axis, moe.top_k)
+    if selected_experts is None:
+        out, aux = fn(state, x)
+    else:
+        out, aux = fn(state, x, jnp.asarray(selected_experts, jnp.int32))
     if not moe.deterministic:
         moe.tokens_per_expert[...] = moe.tokens_per_expert[...] + aux["tokens_per_expert"]
     return (out, aux) if return_aux else out

@@ -15,9 +15,11 @@ from flax import nnx
 from jax import lax
 
 from moe_jax.feed_forward import normal_init
+from moe_jax.norm import rms_norm
 from parity.config import validate_routing
 
 ROUTE_NORM_EPS = 1e-20
+INPUT_NORM_EPS = 1e-6
 
 
 def router_dtype(dtype) -> jnp.dtype:
@@ -25,15 +27,25 @@ def router_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def router_scores(x: jax.Array, gate: jax.Array, score_func: str) -> tuple[jax.Array, jax.Array]:
+def router_scores(x: jax.Array, gate: jax.Array, score_func: str, input_scale: jax.Array | None = None,
+                  input_norm_eps: float = INPUT_NORM_EPS, gate_bias: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
     """(1) ``logits = x @ gate`` with both operands upcast to float32, and ``scores`` (float32).
 
     x (N, D), gate (D, E) -> logits (N, E), scores (N, E); float64 for float64 inputs.
+    ``input_scale`` (D,) given (``router_input_norm``, Gemma 4): the router sees
+    ``rms_norm(x, input_norm_eps) * input_scale * D**-0.5`` instead of x.
     ``precision=HIGHEST`` keeps the float32 logits exact on accelerators (no TF32), so routing does
     not depend on the device.
     """
     dt = router_dtype(x.dtype)
-    logits = jnp.dot(x.astype(dt), gate.astype(dt), precision=lax.Precision.HIGHEST)
+    xr = x.astype(dt)
+    if input_scale is not None:
+        # (1) Gemma 4's router input: RMS-normalised without a weight, times the scale and dim**-0.5
+        xr = rms_norm(xr, input_norm_eps) * input_scale.astype(dt) * jnp.asarray(x.shape[-1] ** -0.5, dt)
+    logits = jnp.dot(xr, gate.astype(dt), precision=lax.Precision.HIGHEST)
+    if gate_bias is not None:  # (1) GPT-OSS: + router.gate.bias (E,), upcast like the weight
+        logits = logits + gate_bias.astype(dt)
     scores = jax.nn.softmax(logits, axis=-1) if score_func == "softmax" else jax.nn.sigmoid(logits)
     return logits, scores
 
@@ -92,6 +104,11 @@ def route(
     route_norm_mode: str = "add",
     expert_bias: jax.Array | None = None,
     selected_experts: jax.Array | None = None,
+    route_norm_p: float | None = None,
+    input_scale: jax.Array | None = None,
+    per_expert_scale: jax.Array | None = None,
+    input_norm_eps: float = INPUT_NORM_EPS,
+    gate_bias: jax.Array | None = None,
 ) -> RouterOutput:
     """Steps (1)-(5) for tokens ``x`` (N, D) and router weight ``gate`` (D, E) -> ``RouterOutput``.
 
@@ -99,10 +116,13 @@ def route(
     select on ``scores * route_scale + expert_bias``, groups from ``scores * route_scale``;
     "bias_first": select on ``scores + expert_bias``, groups included; DESIGN.md steps 2-3).
     ``selected_experts`` (N, k) int, when given, replaces steps (2)-(4); the weights are still this
-    router's scores at those indices.
+    router's scores at those indices. ``route_norm_p`` (with ``route_norm``): divide by the p-norm of
+    the k weights (DBRX) instead of their sum. ``input_scale`` (D,) (Gemma 4's ``router.scale``): the
+    router sees ``rms_norm(x, input_norm_eps) * input_scale * D**-0.5``; ``per_expert_scale`` (E,)
+    (Gemma 4): the weights are multiplied by ``per_expert_scale[idx]`` after ``route_scale``.
     """
     # (1) float32 router logits and scores
-    logits, scores = router_scores(x, gate, score_func)
+    logits, scores = router_scores(x, gate, score_func, input_scale, input_norm_eps, gate_bias)
     if selected_experts is None:
         bias = None if expert_bias is None else expert_bias.astype(scores.dtype)
         if route_order == "scale_first":
@@ -124,10 +144,14 @@ def route(
     # (5) unbiased routing weights (the same in both route orders)
     w = jnp.take_along_axis(scores, idx, axis=-1)
     if route_norm:
-        total = w.sum(-1, keepdims=True)
+        # the sum, or DBRX's p-norm ``(sum |w|^p)^(1/p)`` of the k weights
+        total = (w.sum(-1, keepdims=True) if route_norm_p is None
+                 else jnp.linalg.norm(w, ord=route_norm_p, axis=-1, keepdims=True))
         eps = jnp.asarray(route_norm_eps, w.dtype)
         w = w / (jnp.maximum(total, eps) if route_norm_mode == "clamp" else total + eps)
     w = w * jnp.asarray(route_scale, w.dtype)
+    if per_expert_scale is not None:  # Gemma 4: a learned scale per chosen expert
+        w = w * per_expert_scale.astype(w.dtype)[idx]
     return RouterOutput(logits, scores, idx, w)
 
 
@@ -138,11 +162,15 @@ class TokenChoiceTopKRouter(nnx.Module):
     num_experts, top_k=1, score_func="sigmoid", num_expert_groups=None, num_limited_groups=None,
     route_scale=1.0), then keyword-only ``route_norm=False``, ``group_score="max"``,
     ``route_order="scale_first"``, ``route_norm_eps=1e-20`` (the renormalisation's ``sum + eps``;
-    MiniMax-M2: 0.0), ``route_norm_mode="add"`` ("clamp": ``max(sum, eps)``, Ernie 4.5), ``rngs``, ``param_dtype``. Invalid options raise ValueError
-    (``parity.config.validate_routing``).
+    MiniMax-M2: 0.0), ``route_norm_mode="add"`` ("clamp": ``max(sum, eps)``, Ernie 4.5),
+    ``route_norm_p=None`` (DBRX: the p-norm instead of the sum), ``router_input_norm=False`` and
+    ``per_expert_scale=False`` (Gemma 4: fixed, they add parameters), ``input_norm_eps=1e-6``,
+    ``rngs``, ``param_dtype``. Invalid options raise ValueError (``parity.config.validate_routing``).
 
-    Parameter: ``gate`` (dim, num_experts) in ``param_dtype`` (canonical ``router.gate.weight`` is its
-    transpose).
+    Parameters: ``gate`` (dim, num_experts) in ``param_dtype`` (canonical ``router.gate.weight`` is its
+    transpose); ``scale`` (dim,) with ``router_input_norm``; ``per_expert_scale`` (num_experts,) with
+    ``per_expert_scale``; ``bias`` (num_experts,) with ``router_bias=True`` (GPT-OSS, step 1: ``logits =
+    x @ gate + bias`` in float32; canonical ``router.gate.bias``).
 
     Call: ``router(x, expert_bias=None)`` -> ``(top_scores (N, k), selected_experts (N, k) int32,
     num_tokens_per_expert (E,) int32)`` as the torch router; ``router.route(x, expert_bias=None,
@@ -153,19 +181,42 @@ class TokenChoiceTopKRouter(nnx.Module):
                  num_expert_groups: int | None = None, num_limited_groups: int | None = None,
                  route_scale: float = 1.0, *, route_norm: bool = False, group_score: str = "max",
                  route_order: str = "scale_first", route_norm_eps: float = ROUTE_NORM_EPS,
-                 route_norm_mode: str = "add", rngs: nnx.Rngs, param_dtype=jnp.float32):
-        if not isinstance(route_norm, bool):
-            raise ValueError(f"route_norm={route_norm!r} must be True or False")
+                 route_norm_mode: str = "add", route_norm_p: float | None = None,
+                 router_input_norm: bool = False, per_expert_scale: bool = False,
+                 input_norm_eps: float = INPUT_NORM_EPS, router_bias: bool = False, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32):
+        for name, value in (("route_norm", route_norm), ("router_input_norm", router_input_norm),
+                            ("per_expert_scale", per_expert_scale), ("router_bias", router_bias)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be True or False")
+        if route_norm_p is not None and not route_norm:
+            raise ValueError(f"route_norm_p={route_norm_p} needs route_norm=True")
         validate_routing(num_experts=num_experts, top_k=top_k, score_func=score_func,
                          route_scale=route_scale, num_expert_groups=num_expert_groups,
                          num_limited_groups=num_limited_groups, group_score=group_score,
-                         route_order=route_order, route_norm_eps=route_norm_eps, route_norm_mode=route_norm_mode)
+                         route_order=route_order, route_norm_eps=route_norm_eps, route_norm_mode=route_norm_mode,
+                         route_norm_p=route_norm_p, input_norm_eps=input_norm_eps)
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.score_func, self.route_norm, self.route_scale = score_func, route_norm, route_scale
         self.num_expert_groups, self.num_limited_groups = num_expert_groups, num_limited_groups
         self.group_score, self.route_order, self.route_norm_eps = group_score, route_order, route_norm_eps
-        self.route_norm_mode = route_norm_mode
+        self.route_norm_mode, self.route_norm_p, self.input_norm_eps = route_norm_mode, route_norm_p, input_norm_eps
         self.gate = nnx.Param(normal_init(rngs.params(), (dim, num_experts), dim, param_dtype))
+        # (1) / (5) Gemma 4's router-input scale (D,) and per-expert weight scale (E,), ones; None without
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if router_input_norm else None
+        self.per_expert_scale = nnx.Param(jnp.ones((num_experts,), param_dtype)) if per_expert_scale else None
+        # (1) GPT-OSS's router bias (E,), zeros (canonical ``router.gate.bias``); None without
+        self.bias = nnx.Param(jnp.zeros((num_experts,), param_dtype)) if router_bias else None
+
+    @property
+    def router_bias(self) -> bool:
+        """Whether the router's logits get a bias (a ``bias`` parameter exists); fixed."""
+        return self.bias is not None
+
+    @property
+    def router_input_norm(self) -> bool:
+        """Whether the router RMS-normalises its input (a ``scale`` parameter exists); fixed."""
+        return self.scale is not None
 
     def route(self, x: jax.Array, expert_bias: jax.Array | None = None,
               selected_experts: jax.Array | None = None) -> RouterOutput:
@@ -175,7 +226,11 @@ class TokenChoiceTopKRouter(nnx.Module):
                      num_limited_groups=self.num_limited_groups, group_score=self.group_score,
                      route_order=self.route_order, route_norm_eps=self.route_norm_eps,
                      route_norm_mode=self.route_norm_mode, expert_bias=expert_bias,
-                     selected_experts=selected_experts)
+                     selected_experts=selected_experts, route_norm_p=self.route_norm_p,
+                     input_scale=None if self.scale is None else self.scale[...],
+                     per_expert_scale=None if self.per_expert_scale is None else self.per_expert_scale[...],
+                     input_norm_eps=self.input_norm_eps,
+                     gate_bias=None if self.bias is None else self.bias[...])
 
     def __call__(self, x: jax.Array, expert_bias: jax.Array | None = None):
         r = self.route(x, expert_bias)

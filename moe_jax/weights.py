@@ -28,10 +28,23 @@ _CANONICAL: dict[str, tuple[str, tuple[int, ...] | None]] = {
     "shared_expert.w2": ("shared_expert.w2.weight", _T2),
     "shared_expert.w3": ("shared_expert.w3.weight", _T2),
     "shared_expert_gate": ("shared_expert_gate.weight", _T2),
+    "router.scale": ("router.scale", None),  # Gemma 4's router input scale (D,)
+    "router.per_expert_scale": ("router.per_expert_scale", None),  # (E,)
+    "expert_input_norm": ("expert_input_norm.weight", None),  # (D,)
+    "router.bias": ("router.gate.bias", None),  # GPT-OSS's router bias (E,)
+    "experts.b1": ("experts.b1", None),  # GPT-OSS's expert biases: (E, H), the same layout in both
+    "experts.b2": ("experts.b2", None),  # (E, D)
+    "experts.b3": ("experts.b3", None),  # (E, H)
+    "bias": ("gate.bias", None),
+    "b1": ("b1", None),
+    "b2": ("b2", None),
+    "b3": ("b3", None),
     "expert_bias": ("expert_bias", None),
     "tokens_per_expert": ("tokens_per_expert", None),
     # standalone submodules use the names their PyTorch twins give them
     "gate": ("gate.weight", _T2),
+    "scale": ("scale", None),
+    "per_expert_scale": ("per_expert_scale", None),
     "w1": ("w1", _T3),
     "w2": ("w2", _T3),
     "w3": ("w3", _T3),

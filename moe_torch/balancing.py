@@ -42,12 +42,15 @@ def sum_over_group(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def load_balance_loss(scores: torch.Tensor, selected_experts: torch.Tensor, num_experts: int, coeff: float,
-                      kind: str = "switch", batch: int = 1, group=None) -> torch.Tensor:
+                      kind: str = "switch", batch: int = 1, group=None,
+                      kept: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-style balance loss ``coeff * E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4).
 
     Args:
         scores: (N, E) float32 router scores (softmax or sigmoid), differentiable.
         selected_experts: (N, k) int64.
+        kept: optional (N, k) bool (step 6a, ``capacity_stats="kept"``, Megatron-Core): only kept
+            slots count in ``f_i``, still divided by N*k.
         kind: "switch" (whole batch) or "sequence" (DeepSeek-V3 sequence-wise loss, arXiv:2412.19437
             eqs. 17-20: per sequence of N/batch tokens, averaged over the ``batch`` sequences).
         group: a ``torch.distributed`` process group over which the tokens are split (None: all
@@ -76,7 +79,8 @@ def load_balance_loss(scores: torch.Tensor, selected_experts: torch.Tensor, num_
     probs = (scores / scores.sum(-1, keepdim=True)).view(batch, n // batch, num_experts)
     with torch.no_grad():
         onehot = torch.zeros(n, num_experts, dtype=scores.dtype, device=scores.device)
-        onehot.scatter_add_(1, selected_experts, torch.ones_like(selected_experts, dtype=scores.dtype))
+        ones = torch.ones_like(selected_experts, dtype=scores.dtype) if kept is None else kept.to(scores.dtype)
+        onehot.scatter_add_(1, selected_experts, ones)
         counts = onehot.view(batch, n // batch, num_experts).sum(1)  # (B, E)
     if group is None:
         frac = counts / (n // batch * k)

@@ -11,6 +11,16 @@ Every kernel computes, for each expert ``e`` and the rows of ``x`` that belong t
   gradient, whatever the kernel;
 - returns ``y``: (rows, dim), x's dtype.
 
+Keyword-only options (DESIGN.md step 7; the defaults are SwiGLU without biases, and then every kernel
+runs exactly the ops it ran before these options existed: the choice is made in Python):
+
+- ``b1``, ``b3``: (num_experts, hidden_dim) and ``b2``: (num_experts, dim) biases of the gate, up and
+  down projections, or None (GPT-OSS): ``y = act(x W1[e]^T + b1[e], x W3[e]^T + b3[e]) W2[e]^T + b2[e]``,
+  each bias added to its matmul's output in x's dtype (as transformers does); rows past
+  ``counts.sum()`` get no bias (they stay zero);
+- ``activation``: "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma 4) | "clamped_swiglu" (GPT-OSS), with
+  ``alpha`` and ``limit`` for the latter (``gated_activation``).
+
 Kernels: "loop" (the reference: one matmul per expert, a host sync for the counts), "grouped_mm"
 (``torch.nn.functional.grouped_mm``, CPU and CUDA), "npu" (``torch_npu.npu_grouped_matmul``, imported
 only when called). ``select_kernel`` is the one place where a name becomes a function; "auto" is
@@ -23,6 +33,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from moe_torch import custom_ops
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,16 +55,65 @@ def _zero_rows_past(y: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return y.masked_fill_(past.unsqueeze(-1), 0)
 
 
+def gated_activation(a1: torch.Tensor, a3: torch.Tensor, activation: str = "silu", alpha: float = 1.702,
+                     limit: float = 7.0) -> torch.Tensor:
+    """(7) The gated activation of gate ``a1`` and up ``a3`` projections, (rows, H) each, in their dtype.
+
+    "silu": ``silu(a1) * a3`` (SwiGLU, Shazeer 2020); "gelu_tanh": ``gelu(a1, approximate="tanh") * a3``
+    (GeGLU, Gemma 4's ``gelu_pytorch_tanh``); "clamped_swiglu" (GPT-OSS, transformers'
+    ``GptOssExperts._apply_gate``, the same op order): ``g = a1.clamp(max=limit)``,
+    ``(a3.clamp(-limit, limit) + 1) * (g * sigmoid(g * alpha))``. Raises ``ValueError`` for another name.
+    """
+    if activation == "silu":
+        return F.silu(a1) * a3
+    if activation == "gelu_tanh":
+        return F.gelu(a1, approximate="tanh") * a3
+    if activation == "clamped_swiglu":
+        g = a1.clamp(max=limit)
+        return (a3.clamp(min=-limit, max=limit) + 1) * (g * torch.sigmoid(g * alpha))
+    raise ValueError(f"expert_activation={activation!r} is not one of ('silu', 'gelu_tanh', 'clamped_swiglu')")
+
+
+def _is_plain(activation: str, b1, b2, b3) -> bool:
+    """The default expert (SwiGLU, no biases): the kernels' original code path."""
+    return activation == "silu" and b1 is None and b2 is None and b3 is None
+
+
+def _row_experts(ends: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows,) int64 expert of each expert-major row from ``ends`` (E,) inclusive cumulative row ends;
+    rows past ``ends[-1]`` (padding) get E. On the device, no host sync."""
+    return torch.searchsorted(ends, torch.arange(rows, device=ends.device, dtype=ends.dtype), right=True)
+
+
+def _bias_rows(b: torch.Tensor | None, row_expert: torch.Tensor) -> torch.Tensor | None:
+    """(rows, n) the bias of each row's expert, zero for padding rows (expert E); b (E, n) or None."""
+    if b is None:
+        return None
+    return torch.cat([b, b.new_zeros((1, b.shape[-1]))]).index_select(0, row_expert)
+
+
+def _add(y: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return y if b is None else y + b
+
+
 # ---------------------------------------------------------------------------------------- loop
-def loop_experts(w1, w2, w3, x, counts):
-    """Reference kernel: one SwiGLU per expert on its slice of rows. Any dtype, any device."""
+def loop_experts(w1, w2, w3, x, counts, *, b1=None, b2=None, b3=None, activation="silu", alpha=1.702, limit=7.0):
+    """Reference kernel: one gated MLP (SwiGLU by default) per expert on its slice of rows. Any dtype,
+    any device. Options: see the module docstring."""
     # NOTE: .tolist() is a host-device sync; acceptable for the reference kernel.
     sizes = counts.tolist()
     total = sum(sizes)
     outs = []
+    plain = _is_plain(activation, b1, b2, b3)
     for e, xe in enumerate(torch.split(x[:total], sizes)):
-        h = F.silu(xe @ w1[e].transpose(0, 1)) * (xe @ w3[e].transpose(0, 1))
-        outs.append(h @ w2[e].transpose(0, 1))
+        if plain:
+            h = F.silu(xe @ w1[e].transpose(0, 1)) * (xe @ w3[e].transpose(0, 1))
+            outs.append(h @ w2[e].transpose(0, 1))
+            continue
+        a1 = _add(xe @ w1[e].transpose(0, 1), None if b1 is None else b1[e])
+        a3 = _add(xe @ w3[e].transpose(0, 1), None if b3 is None else b3[e])
+        h = gated_activation(a1, a3, activation, alpha, limit)
+        outs.append(_add(h @ w2[e].transpose(0, 1), None if b2 is None else b2[e]))
     y = torch.cat(outs) if outs else x.new_zeros((0, x.shape[-1]))
     if total < x.shape[0]:
         y = torch.cat([y, y.new_zeros((x.shape[0] - total, y.shape[-1]))])
@@ -62,7 +123,10 @@ def loop_experts(w1, w2, w3, x, counts):
 # ---------------------------------------------------------------------------------- grouped_mm
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``F.grouped_mm`` with the rows past ``offs[-1]`` of a 2-D x 3-D product zeroed (it leaves them
-    unwritten: uninitialised memory, NaN in bf16)."""
+    unwritten: uninitialised memory, NaN in bf16). Under torch.compile: the same as one custom op
+    (``moe_torch.custom_ops.grouped_mm``: grouped_mm's own fake rejects float32 on CPU)."""
+    if torch.compiler.is_compiling():
+        return custom_ops.grouped_mm(a, b, offs)
     y = F.grouped_mm(a, b, offs=offs)
     return _zero_rows_past(y, offs[-1]) if b.ndim == 3 else y
 
@@ -119,6 +183,70 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx, dw1, dw2, dw3, None
 
 
+def _segment_sum(g: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(E, n) sum of the rows of each expert of ``g`` (rows, n), accumulated in float32 (float64 for
+    float64), cast to ``dtype``: the gradient of a per-expert bias. ``torch.segment_reduce`` over the E
+    segments and the padding rows past ``offs[-1]`` (dropped): a reduction per segment, no atomics."""
+    acc = torch.promote_types(g.dtype, torch.float32)
+    ends = offs.to(torch.int64)
+    lengths = torch.diff(ends, prepend=ends.new_zeros(1))
+    lengths = torch.cat([lengths, (g.shape[0] - ends[-1:]).clamp(min=0)])
+    return torch.segment_reduce(g.to(acc), "sum", lengths=lengths)[:-1].to(dtype)
+
+
+def _grouped_glu(x, w1, w2, w3, b1, b2, b3, offs, options):
+    """The forward of the "grouped_mm" kernel with biases or another activation: ``(h1, h3, y)``,
+    h1 / h3 the biased gate / up pre-activations."""
+    rows_e = _row_experts(offs, x.shape[0])
+    h1 = _add(_gmm(x, w1.transpose(1, 2), offs), _bias_rows(b1, rows_e))
+    h3 = _add(_gmm(x, w3.transpose(1, 2), offs), _bias_rows(b3, rows_e))
+    y = _add(_gmm(gated_activation(h1, h3, *options), w2.transpose(1, 2), offs), _bias_rows(b2, rows_e))
+    return h1, h3, y
+
+
+class _GroupedGLU(torch.autograd.Function):
+    """``_GroupedSwiGLU`` with the options of step 7: expert biases and the activation (``options`` =
+    (activation, alpha, limit)). Saved: x, h1, h3 (biased pre-activations). The backward recomputes the
+    elementwise activation under autograd (``torch.autograd.grad`` of ``gated_activation``: the same
+    derivative as autograd through "loop", the clamp's included) and the bias gradients are
+    per-expert row sums (``_segment_sum``). Rows past ``offs[-1]`` get no bias, zero output and zero
+    gradient; an expert without rows gets zero gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, w3, b1, b2, b3, offs, options):
+        h1, h3, y = _grouped_glu(x, w1, w2, w3, b1, b2, b3, offs, options)
+        ctx.options = options
+        ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in (b1, b2, b3))
+        ctx.save_for_backward(x, w1, w2, w3, offs, h1, h3)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, w3, offs, h1, h3 = ctx.saved_tensors
+        if dy.numel() == 0:
+            zeros = tuple(torch.zeros_like(t) for t in (x, w1, w2, w3))
+            biases = tuple(None if d is None else torch.zeros(((w1 if i != 1 else w2).shape[0],
+                                                              (w1.shape[1] if i != 1 else w2.shape[1])),
+                                                             dtype=d, device=x.device)
+                           for i, d in enumerate(ctx.bias_dtypes))
+            return (*zeros, *biases, None, None)
+        dy = dy.contiguous()
+        with torch.enable_grad():
+            a1, a3 = h1.detach().requires_grad_(), h3.detach().requires_grad_()
+            h = gated_activation(a1, a3, *ctx.options)
+        dh = _gmm(dy, w2, offs)  # (rows, H)
+        dh1, dh3 = torch.autograd.grad(h, (a1, a3), dh)
+        h = h.detach()
+        dw2 = _gmm(dy.transpose(0, 1), h, offs)  # (E, D, H)
+        dx = _gmm(dh1, w1, offs).add_(_gmm(dh3, w3, offs))  # (rows, D)
+        dw1 = _gmm(dh1.transpose(0, 1).contiguous(), x, offs)  # (E, H, D)
+        dw3 = _gmm(dh3.transpose(0, 1).contiguous(), x, offs)
+        db1, db2, db3 = (None if d is None else _segment_sum(g, offs, d)
+                         for g, d in zip((dh1, dy, dh3), ctx.bias_dtypes, strict=True))
+        return dx, dw1, dw2, dw3, db1, db2, db3, None, None
+
+
 def _pad_to(t: torch.Tensor, dims: dict[int, int]) -> torch.Tensor:
     """Zero-pad ``t`` at the end of each dim ``d`` to size ``dims[d]``."""
     pad = []
@@ -127,24 +255,41 @@ def _pad_to(t: torch.Tensor, dims: dict[int, int]) -> torch.Tensor:
     return F.pad(t, pad) if any(pad) else t
 
 
-def grouped_mm_experts(w1, w2, w3, x, counts):
+def grouped_mm_experts(w1, w2, w3, x, counts, *, b1=None, b2=None, b3=None, activation="silu", alpha=1.702,
+                       limit=7.0):
     """Grouped-GEMM kernel (``torch.nn.functional.grouped_mm``): float32, bfloat16, float16.
 
     ``offs`` = int32 inclusive cumulative ends, one per local expert (E entries; the module this kit
     grew from passed only E-1). grouped_mm needs 16-byte aligned strides, so dims that are not
     multiples of 16 bytes (4 float32 / 8 bf16 elements) are zero-padded, which changes no value
-    (silu(0) * 0 = 0; padded weight rows/columns get a zero gradient and are sliced away).
-    The expert MLP is one autograd node (``_GroupedSwiGLU``).
+    (silu(0) * 0 = 0, and so for every activation with zero-padded biases; padded weight rows/columns
+    get a zero gradient and are sliced away).
+    The expert MLP is one autograd node (``_GroupedSwiGLU``; with biases or another activation
+    ``_GroupedGLU``). Options: see the module docstring.
     """
     dim, hidden = x.shape[-1], w1.shape[1]
     align = 16 // x.element_size()
     dp, hp = -(-dim // align) * align, -(-hidden // align) * align
+    plain = _is_plain(activation, b1, b2, b3)
+    if not plain and torch.compiler.is_compiling():  # NOTE: dynamo cannot trace _GroupedGLU's autograd.grad
+        return custom_ops.opaque_kernel("grouped_mm")(w1, w2, w3, x, counts, b1=b1, b2=b2, b3=b3,
+                                                      activation=activation, alpha=alpha, limit=limit)
     if (dp, hp) != (dim, hidden):
         x = _pad_to(x, {-1: dp})
         w1, w3 = _pad_to(w1, {-2: hp, -1: dp}), _pad_to(w3, {-2: hp, -1: dp})
         w2 = _pad_to(w2, {-2: dp, -1: hp})
+        if not plain:
+            b1, b3 = (None if b is None else _pad_to(b, {-1: hp}) for b in (b1, b3))
+            b2 = None if b2 is None else _pad_to(b2, {-1: dp})
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     x = x.contiguous()
+    if not plain:
+        options = (activation, alpha, limit)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, w2, w3, b1, b2, b3)):
+            y = _GroupedGLU.apply(x, w1, w2, w3, b1, b2, b3, offs, options)
+        else:
+            y = _grouped_glu(x, w1, w2, w3, b1, b2, b3, offs, options)[2]
+        return y[:, :dim] if dp != dim else y
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3)):
         y = _GroupedSwiGLU.apply(x, w1, w2, w3, offs)
     else:  # inference: the same ops without an autograd node, silu in place
@@ -194,12 +339,19 @@ class _NpuGroupedMatmul(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def npu_experts(w1, w2, w3, x, counts):
-    """Ascend kernel (``torch_npu.npu_grouped_matmul``): float32, bfloat16, float16."""
+def npu_experts(w1, w2, w3, x, counts, *, b1=None, b2=None, b3=None, activation="silu", alpha=1.702, limit=7.0):
+    """Ascend kernel (``torch_npu.npu_grouped_matmul``): float32, bfloat16, float16. Options: see the
+    module docstring (biases added per row after each grouped matmul, autograd through the rest)."""
     counts = counts.to(torch.int64)
     x = x.contiguous()
-    h = F.silu(_NpuGroupedMatmul.apply(x, w1, counts)) * _NpuGroupedMatmul.apply(x, w3, counts)
-    return _NpuGroupedMatmul.apply(h, w2, counts)
+    if _is_plain(activation, b1, b2, b3):
+        h = F.silu(_NpuGroupedMatmul.apply(x, w1, counts)) * _NpuGroupedMatmul.apply(x, w3, counts)
+        return _NpuGroupedMatmul.apply(h, w2, counts)
+    rows_e = _row_experts(torch.cumsum(counts, 0), x.shape[0])
+    a1 = _add(_NpuGroupedMatmul.apply(x, w1, counts), _bias_rows(b1, rows_e))
+    a3 = _add(_NpuGroupedMatmul.apply(x, w3, counts), _bias_rows(b3, rows_e))
+    h = gated_activation(a1, a3, activation, alpha, limit)
+    return _add(_NpuGroupedMatmul.apply(h, w2, counts), _bias_rows(b2, rows_e))
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -255,5 +407,9 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def select_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Kernel:
-    """The kernel function for ``name`` (see ``resolve_kernel``)."""
-    return KERNELS[resolve_kernel(name, device, dtype)]
+    """The kernel function for ``name`` (see ``resolve_kernel``). Under torch.compile, "loop" and "npu"
+    (host syncs on the counts) run as one opaque custom op (``moe_torch.custom_ops.opaque_kernel``)."""
+    resolved = resolve_kernel(name, device, dtype)
+    if resolved in custom_ops.OPAQUE_KERNELS and torch.compiler.is_compiling():
+        return custom_ops.opaque_kernel(resolved)
+    return KERNELS[resolved]

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from moe_torch.balancing import load_balance_loss, router_z_loss
+from moe_torch.capacity import drop_tokens, run_experts
 from moe_torch.experts import GroupedExperts
 from moe_torch.feed_forward import FeedForward, dtensor_class, is_dtensor, local_tensor
+from moe_torch.norm import RMSNorm
 from moe_torch.router import TokenChoiceTopKRouter
 from moe_torch.weights import check_state_dict
-from parity.config import BALANCE_FROM_COEFF, TORCH_KERNELS, MoEConfig, layer_config
+from parity.config import BALANCE_FROM_COEFF, CAPACITY_FIELDS, TORCH_KERNELS, MoEConfig, layer_config
 
 _FLOAT32_BUFFERS = ("expert_bias", "tokens_per_expert")
 
@@ -205,11 +207,17 @@ class MoE(nn.Module):
     ``num_shared_experts``, ``shared_hidden_dim`` are fixed (``AttributeError``). ``config`` is the
     ``MoEConfig`` of the live attributes.
 
-    Submodules / parameters (canonical names): ``router.gate`` (``router.gate.weight`` (E, D)),
-    ``experts.w1`` / ``w3`` (E, H, D), ``experts.w2`` (E, D, H), ``shared_expert`` (FeedForward
+    Submodules / parameters (canonical names): ``router.gate`` (``router.gate.weight`` (E, D); with
+    ``router_bias`` also ``router.gate.bias`` (E,)), ``experts.w1`` / ``w3`` (E, H, D), ``experts.w2``
+    (E, D, H) (with ``expert_proj_bias`` also ``experts.b1`` / ``b3`` (E, H), ``experts.b2`` (E, D);
+    ``expert_activation`` / ``swiglu_alpha`` / ``swiglu_limit`` choose the experts' gated activation,
+    DESIGN.md step 7; these four are fixed at construction), ``shared_expert`` (FeedForward
     ``w1.weight`` (Hs, D), ``w2.weight`` (D, Hs), ``w3.weight`` (Hs, D)) or None, ``shared_expert_gate``
     (``nn.Linear(D, 1, bias=False)``: ``shared_expert_gate.weight`` (1, D), with ``shared_expert_gate=True``)
-    or None.
+    or None; Gemma 4's ``router.scale`` (D,) (``router_input_norm``), ``router.per_expert_scale`` (E,)
+    (``per_expert_scale``) and ``expert_input_norm`` (``moe_torch.norm.RMSNorm``: ``expert_input_norm.weight``
+    (D,), with ``expert_input_norm=True``) or None. ``route_norm_p`` and ``input_norm_eps`` are live
+    router options; the three Gemma 4 flags are fixed (they add parameters).
     Buffers (persistent, always float32 whatever ``.to(dtype)`` does): ``expert_bias`` (E,),
     ``tokens_per_expert`` (E,) = counts accumulated by training-mode forwards only.
 
@@ -217,6 +225,10 @@ class MoE(nn.Module):
         x: (bs, slen, D), the expert weights' dtype (float32, bfloat16, float16, float64); may be a
         DTensor not sharded on D (computed on its local shard, returned as a DTensor alike).
         selected_experts: optional (bs*slen, top_k) integer tensor replacing the top-k (step 4).
+        kept_slots: optional (bs*slen, top_k) bool tensor replacing the drop decision of step 6a
+        (only with ``capacity_factor`` / ``expert_capacity``; a ``ValueError`` on a dropless layer).
+        With a capacity, ``aux`` also holds ``kept_slots`` (N, k) bool and ``routing_weights`` are the
+        weights the combine uses (0 at dropped slots; ``moe_torch.capacity``).
         Returns out (bs, slen, D) in x's dtype, or ``(out, aux)`` with ``aux``: ``router_logits``
         (N, E) f32, ``scores`` (N, E) f32, ``selected_experts`` (N, k) int64, ``routing_weights``
         (N, k) f32, ``tokens_per_expert`` (E,) f32, and ``load_balance_loss`` / ``router_z_loss``
@@ -267,15 +279,24 @@ class MoE(nn.Module):
         self.router = TokenChoiceTopKRouter(
             cfg.dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.num_expert_groups, cfg.num_limited_groups,
             cfg.route_scale, route_norm=cfg.route_norm, group_score=cfg.group_score, route_order=cfg.route_order,
-            route_norm_eps=cfg.route_norm_eps, route_norm_mode=cfg.route_norm_mode)
-        self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, expert_kernel=cfg.expert_kernel)
+            route_norm_eps=cfg.route_norm_eps, route_norm_mode=cfg.route_norm_mode, route_norm_p=cfg.route_norm_p,
+            router_input_norm=cfg.router_input_norm, per_expert_scale=cfg.per_expert_scale,
+            input_norm_eps=cfg.input_norm_eps, router_bias=cfg.router_bias)
+        self.experts = GroupedExperts(cfg.dim, cfg.hidden_dim, cfg.num_experts, expert_kernel=cfg.expert_kernel,
+                                      expert_activation=cfg.expert_activation, swiglu_alpha=cfg.swiglu_alpha,
+                                      swiglu_limit=cfg.swiglu_limit, expert_proj_bias=cfg.expert_proj_bias)
         if shared_expert is None and cfg.num_shared_experts:
             shared_expert = FeedForward(cfg.dim, cfg.shared_dim)
         self.shared_expert = shared_expert
         # (9) Qwen2-MoE's per-token sigmoid gate on the shared expert (a Linear D -> 1), or None
         self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
+        # (6) Gemma 4's RMSNorm of the routed experts' input (``expert_input_norm.weight`` (D,)), or None
+        self.expert_input_norm = RMSNorm(cfg.dim) if cfg.expert_input_norm else None
         self._shared = (cfg.num_shared_experts, cfg.shared_hidden_dim)
         self._balance_coeff = cfg.load_balance_coeff
+        # (6a) capacity options, fixed at construction (None: dropless)
+        self._capacity = {f: getattr(cfg, f) for f in CAPACITY_FIELDS}
+        self._capacity_on = cfg.capacity_factor is not None or cfg.expert_capacity is not None
         self.sequence_partition_group = sequence_partition_group
         for name in _LAYER_OPTIONS:
             super().__setattr__(name, getattr(cfg, name))
@@ -299,6 +320,8 @@ class MoE(nn.Module):
     route_order = _router_option("route_order")
     route_norm_eps = _router_option("route_norm_eps")
     route_norm_mode = _router_option("route_norm_mode")
+    route_norm_p = _router_option("route_norm_p")
+    input_norm_eps = _router_option("input_norm_eps")
 
     @property
     def expert_kernel(self) -> str:
@@ -349,13 +372,18 @@ class MoE(nn.Module):
             score_func=r.score_func, route_norm=r.route_norm, route_scale=r.route_scale,
             num_expert_groups=r.num_expert_groups, num_limited_groups=r.num_limited_groups,
             group_score=r.group_score, route_order=r.route_order, route_norm_eps=r.route_norm_eps,
-            route_norm_mode=r.route_norm_mode,
+            route_norm_mode=r.route_norm_mode, route_norm_p=r.route_norm_p, input_norm_eps=r.input_norm_eps,
+            router_input_norm=r.router_input_norm, per_expert_scale=r.per_expert_scale is not None,
+            expert_input_norm=self.expert_input_norm is not None,
+            router_bias=r.gate.bias is not None, expert_activation=self.experts.expert_activation,
+            swiglu_alpha=self.experts.swiglu_alpha, swiglu_limit=self.experts.swiglu_limit,
+            expert_proj_bias=self.experts.expert_proj_bias,
             score_before_experts=self.score_before_experts,
             num_shared_experts=self.num_shared_experts, shared_hidden_dim=self.shared_hidden_dim,
             shared_expert_gate=self.shared_expert_gate is not None,
             expert_kernel=self.expert_kernel, use_expert_bias=self.use_expert_bias,
             load_balance_loss=self.load_balance_loss, load_balance_coeff=self._balance_coeff,
-            router_z_loss_coeff=self.router_z_loss_coeff)
+            router_z_loss_coeff=self.router_z_loss_coeff, **self._capacity)
 
     # NOTE: `.to(torch.bfloat16)` / `.half()` / `.double()` must not touch the balancing buffers: the
     # bias update adds lr*sign in float32 (bf16 would round small steps away) and the counts exceed
@@ -392,6 +420,8 @@ class MoE(nn.Module):
             self.shared_expert.init_weights()
         if self.shared_expert_gate is not None:
             nn.init.normal_(self.shared_expert_gate.weight, 0.0, self.dim ** -0.5)
+        if self.expert_input_norm is not None:
+            nn.init.ones_(self.expert_input_norm.weight)
         with torch.no_grad():
             self.expert_bias.zero_()
             self.tokens_per_expert.zero_()
@@ -432,7 +462,8 @@ class MoE(nn.Module):
             raise TypeError(f"x has dtype {x.dtype} but the expert weights have dtype {wdtype}; "
                             f"cast one to the other (e.g. moe.to({x.dtype}))")
 
-    def forward(self, x: torch.Tensor, return_aux: bool = False, selected_experts: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_aux: bool = False, selected_experts: torch.Tensor | None = None,
+                kept_slots: torch.Tensor | None = None):
         self._check_input(x)
         wrap = None
         if is_dtensor(x):
@@ -446,14 +477,35 @@ class MoE(nn.Module):
         expert_bias = self.expert_bias if self.use_expert_bias else None
         # (1)-(5) router
         logits, scores, selected, weights = self.router.route(tokens, expert_bias, selected_experts)
+        # (6a) capacity: each expert keeps its first C slots per group; dropped slots weigh 0
+        kept, cap_cfg = None, self.config if self._capacity_on else None
+        if cap_cfg is not None:
+            kept, weights, _ = drop_tokens(selected, weights, cap_cfg, bs, kept_slots)
+        elif kept_slots is not None:
+            raise ValueError("kept_slots given but the layer is dropless (capacity_factor and expert_capacity "
+                             "are None)")
         # (6) counts per expert; training-mode forwards feed the bias update
-        counts = torch.bincount(selected.reshape(-1), minlength=self.num_experts)
+        # NOTE: a scatter-add of ones (integers: exact, in any order), not bincount, whose output length
+        # depends on the data (max + 1): torch.compile could not trace it in one graph
+        flat = selected.reshape(-1)
+        counts = flat.new_zeros(self.num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+        expert_counts = counts
+        if kept is not None:  # (6a) the experts run the kept slots; the stats count kept or all slots
+            expert_counts = flat.new_zeros(self.num_experts).scatter_add_(0, flat, kept.reshape(-1).to(flat.dtype))
+            counts = expert_counts if cap_cfg.capacity_stats == "kept" else counts
         if self.training:
             with torch.no_grad():
                 local_tensor(self.tokens_per_expert).add_(counts.float())
-        x_routed, order, inverse = self.dispatch(tokens, selected, weights)
+        # (6) dropped slots sort after every expert's (index E)
+        routed = selected if kept is None else torch.where(kept, selected, self.num_experts)
+        # (6) Gemma 4: the routed experts see their own RMS-normalised input (the router does not)
+        expert_tokens = tokens if self.expert_input_norm is None else self.expert_input_norm(tokens, self.input_norm_eps)
+        x_routed, order, inverse = self.dispatch(expert_tokens, routed, weights)
         # (7) experts, in the input dtype
-        y_routed = self.experts(x_routed, counts)
+        if kept is None:
+            y_routed = self.experts(x_routed, counts)
+        else:
+            y_routed = run_experts(self.experts, x_routed, expert_counts, cap_cfg, bs, slen)
         # (8) combine in float32, cast back
         out = self.combine(y_routed, weights, order, inverse).to(x.dtype)
         # (9) shared expert sees every token (scaled by its sigmoid gate when there is one)
@@ -468,7 +520,8 @@ class MoE(nn.Module):
         balance = None
         if self.load_balance_loss is not None:
             balance = load_balance_loss(scores, selected, self.num_experts, self._balance_coeff,
-                                        self.load_balance_loss, batch=bs, group=self.sequence_partition_group)
+                                        self.load_balance_loss, batch=bs, group=self.sequence_partition_group,
+                                        kept=kept if cap_cfg is not None and cap_cfg.capacity_stats == "kept" else None)
             out._load_balance_loss = balance  # the original module's interface
         if not return_aux:
             return out
@@ -479,6 +532,8 @@ class MoE(nn.Module):
             "routing_weights": weights,
             "tokens_per_expert": counts.float(),
         }
+        if kept is not None:
+            aux["kept_slots"] = kept
         if balance is not None:
             aux["load_balance_loss"] = balance
         if self.router_z_loss_coeff > 0:

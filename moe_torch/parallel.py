@@ -3,9 +3,10 @@
 Three ``ParallelStyle``s for ``torch.distributed.tensor.parallel.parallelize_module`` (the design of
 torchtitan's ``distributed/expert_parallel.py``, written anew): the expert weights become DTensors,
 tokens travel between ranks by ``all_to_all_single`` around ``GroupedExperts.forward(x, counts)``, and
-everything else runs on plain local tensors.
+everything else runs on plain local tensors. A fourth, ``DataParallel``, and ``fully_shard_moe``
+(FSDP2 with the expert-data-parallel split of torchtitan) add data-parallel dims next to them.
 
-Mesh dimensions (names are arguments; defaults "ep" and "tp"):
+Mesh dimensions (names are arguments; defaults "dp", "ep" and "tp"):
 
 - ``ep`` (expert parallel): ranks along ``ep`` hold *different tokens* (each its own data-parallel
   batch shard) and ``E / ep`` experts each: ``w1``, ``w2``, ``w3`` are ``Shard(0)``.
@@ -33,11 +34,15 @@ What is reduced where (N_r = tokens of rank r; all sums, never means, so nothing
   batch across ``ep`` (counts, mean probabilities and squared log-sum-exps summed over ``ep``): every
   rank holds the same value, the single-device value of the concatenated batch. The sums' backward is
   the identity, so each rank's gradient is its own tokens' share of the global loss.
-- Gradients of the *dense* parameters (router gate, shared expert) on an EP rank are that rank's
-  share; ``all_reduce_dense_grads(moe, group)`` sums them over the data-parallel ranks (``ep``, plus
-  any pure data-parallel dims), as DDP/FSDP would. The expert gradients are skipped there.
+- ``dp`` (data parallel, ``dp_dim`` of the styles and ``DataParallel``): ranks along ``dp`` hold other
+  tokens and the same experts. The aux losses are then whole-batch values across ``dp`` x ``ep``.
+- Gradients of the *dense* parameters (router gate, shared expert) on a token-parallel rank are that
+  rank's share; expert gradients already hold every ``ep`` rank's tokens but only this ``dp`` rank's.
+  So dense gradients are summed over ``dp`` x ``ep`` (``token_group(mesh)``) and expert gradients over
+  ``dp`` only (``expert_data_mesh(mesh)``): ``fully_shard_moe`` (FSDP2, reduce-scatter with divide
+  factor 1) or ``all_reduce_dense_grads(moe, group, expert_group)`` (plain all-reduce) do this.
 - ``moe_torch.update_expert_bias(moe, lr, group=...)`` sums ``tokens_per_expert`` over ``group`` (pass
-  ``token_group(mesh)``, the ``ep`` ranks) so every rank computes the same ``expert_bias``.
+  ``token_group(mesh)``, the ``dp`` x ``ep`` ranks) so every rank computes the same ``expert_bias``.
 
 Inputs: ``moe(x)`` with x (bs, slen, D) a plain tensor holding this rank's tokens (different along
 ``ep``, identical along ``tp``); ``out`` and the aux tensors are this rank's (``tokens_per_expert``
@@ -48,6 +53,8 @@ hidden dim is not divisible by the ``tp`` size, or when the module is already pa
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.distributed as dist
@@ -61,8 +68,8 @@ from moe_torch.experts import GroupedExperts
 from moe_torch.feed_forward import FeedForward
 from moe_torch.moe import MoE
 
-__all__ = ["ExpertParallel", "TensorParallel", "ExpertTensorParallel", "all_reduce_dense_grads", "token_group",
-           "mesh_dim_size"]
+__all__ = ["ExpertParallel", "TensorParallel", "ExpertTensorParallel", "DataParallel", "all_reduce_dense_grads",
+           "fully_shard_moe", "token_group", "token_mesh", "expert_data_mesh", "mesh_dim_size"]
 
 
 # ------------------------------------------------------------------------ autograd-aware collectives
@@ -116,20 +123,28 @@ def mesh_dim_size(mesh: DeviceMesh, name: str, style: str = "parallel style") ->
     return mesh.size(names.index(name))
 
 
-def token_group(mesh: DeviceMesh, tp_dim: str = "tp"):
-    """The process group over which tokens differ: the mesh's one dimension other than ``tp_dim``.
-
-    This is the group for ``update_expert_bias(moe, lr, group=...)`` and ``all_reduce_dense_grads``.
-    Returns None for a mesh that only has ``tp_dim`` (all ranks see the same tokens).
-    Raises ``ValueError`` when more than one dimension is left (flatten them into one first).
-    """
-    dims = [n for n in _dim_names(mesh) if n != tp_dim]
+def token_mesh(mesh: DeviceMesh, tp_dim: str = "tp") -> DeviceMesh | None:
+    """The 1-D mesh of the ranks holding different tokens: every dimension of ``mesh`` but ``tp_dim``
+    (e.g. "dp" and "ep"), flattened in mesh order (``DeviceMesh._flatten``, as torchtitan's
+    ``dp_shard_cp``; named by joining the names with "_"). None when only ``tp_dim`` is left."""
+    dims = tuple(n for n in _dim_names(mesh) if n != tp_dim)
     if not dims:
         return None
-    if len(dims) > 1:
-        raise ValueError(f"token_group: mesh dimensions {dims} all hold different tokens; pass a mesh with one "
-                         f"such dimension (e.g. flatten dp and ep into one)")
-    return mesh.get_group(dims[0])
+    if len(dims) == 1:
+        return mesh if mesh.ndim == 1 else mesh[dims[0]]
+    return mesh[dims]._flatten("_".join(dims))
+
+
+def token_group(mesh: DeviceMesh, tp_dim: str = "tp"):
+    """The process group over which tokens differ: all dimensions of ``mesh`` other than ``tp_dim``
+    (``token_mesh``; dp and ep together on a dp x ep mesh).
+
+    This is the group for ``update_expert_bias(moe, lr, group=...)`` and ``all_reduce_dense_grads``:
+    every rank that routed different tokens of the global batch. Returns None for a mesh that only
+    has ``tp_dim`` (all ranks see the same tokens).
+    """
+    sub = token_mesh(mesh, tp_dim)
+    return None if sub is None else sub.get_group()
 
 
 def _placements(mesh: DeviceMesh, shard: dict[str, int]):
@@ -175,7 +190,10 @@ def _dispatch(x: torch.Tensor, counts: torch.Tensor, group, state: dict):
     """Send each routed row to the rank owning its expert. x (rows, D) expert-major, counts (E,).
 
     Returns (rows received (rows', D) expert-major over the local experts, local counts (E_local,)).
-    NOTE: the split sizes go to the host (``tolist``): all_to_all_single takes Python lists.
+    NOTE: the split sizes go to the host (``tolist``): all_to_all_single takes Python lists. This is
+    the host sync of the sharded layer (one per forward here, and ``_combine`` reuses the lists):
+    under ``torch.compile`` dynamo breaks the graph at it and at the exchanges that take the lists,
+    so the sharded layer compiles with ``fullgraph=False`` only (tests/torch/test_compile.py).
     """
     ep = dist.get_world_size(group)
     with torch.no_grad():
@@ -215,16 +233,19 @@ def _global_aux_losses(moe: MoE, x: torch.Tensor, aux: dict, group) -> None:
     size = torch.tensor([float(n), float(x.shape[0])], dtype=acc, device=scores.device)
     dist.all_reduce(size, group=group)
     n_all, bs_all = size[0], size[1]
+    # (6a) with capacity_stats="kept" the loss counts the kept slots only (still over N*k)
+    kept = aux.get("kept_slots") if cfg.capacity_stats == "kept" else None
     if cfg.load_balance_loss == "switch":
         with torch.no_grad():
-            counts = torch.bincount(selected.reshape(-1), minlength=moe.num_experts).to(acc)
+            counted = selected.reshape(-1) if kept is None else selected[kept]
+            counts = torch.bincount(counted, minlength=moe.num_experts).to(acc)
             dist.all_reduce(counts, group=group)
         probs = sum_over_group((scores / scores.sum(-1, keepdim=True)).sum(0), group)
         aux["load_balance_loss"] = (cfg.load_balance_coeff * moe.num_experts
                                     * ((counts / (n_all * k)) * (probs / n_all)).sum())
     elif cfg.load_balance_loss == "sequence":
         local = load_balance_loss(scores, selected, moe.num_experts, cfg.load_balance_coeff, "sequence",
-                                  batch=x.shape[0])
+                                  batch=x.shape[0], kept=kept)
         aux["load_balance_loss"] = sum_over_group(local * x.shape[0], group) / bs_all
     if cfg.router_z_loss_coeff > 0:
         lse2 = torch.logsumexp(aux["router_logits"].to(acc), dim=-1).square().sum()
@@ -233,16 +254,37 @@ def _global_aux_losses(moe: MoE, x: torch.Tensor, aux: dict, group) -> None:
 
 # ------------------------------------------------------------------------------------ the styles
 class _MoEParallel(ParallelStyle):
-    """Shared machinery; subclasses set ``ep_dim`` / ``tp_dim`` (None when not used)."""
+    """Shared machinery; subclasses set ``ep_dim`` / ``tp_dim`` / ``dp_dim`` (None when not used)."""
 
     ep_dim: str | None = None
     tp_dim: str | None = None
+    dp_dim: str | tuple[str, ...] | None = None
+
+    def _dp_dims(self) -> tuple[str, ...]:
+        return () if self.dp_dim is None else (self.dp_dim,) if isinstance(self.dp_dim, str) else tuple(self.dp_dim)
+
+    def _token_group(self, device_mesh: DeviceMesh, style: str):
+        """The group of the aux losses: the ``dp_dim`` and ``ep_dim`` ranks (all that hold different tokens)."""
+        for d in self._dp_dims():
+            mesh_dim_size(device_mesh, d, style)
+        dims = tuple(n for n in _dim_names(device_mesh) if n in (*self._dp_dims(), self.ep_dim))
+        if not dims:
+            return None
+        return token_mesh(device_mesh[dims] if dims != _dim_names(device_mesh) else device_mesh, "").get_group()
+
+    @staticmethod
+    def _mark_aux(module: nn.Module, style: str) -> None:
+        if getattr(module, "_moe_parallel_aux", None):
+            raise ValueError(f"{style}: the whole-batch aux losses of this module are already set up by "
+                             f"{module._moe_parallel_aux}; apply one style per module")
+        module._moe_parallel_aux = style
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         style = type(self).__name__
         if not isinstance(module, (MoE, GroupedExperts)):
             raise TypeError(f"{style} applies to a moe_torch.MoE or GroupedExperts, got {type(module).__name__}")
         _check_plain(module, style)
+        aux_group = self._token_group(device_mesh, style)
         experts = module.experts if isinstance(module, MoE) else module
         num_experts, hidden = experts.w1.shape[0], experts.w1.shape[1]
         ep = tp = 1
@@ -265,12 +307,15 @@ class _MoEParallel(ParallelStyle):
             if tp_group is not None:
                 self._tensor_parallel_dense(module, device_mesh[self.tp_dim] if device_mesh.ndim > 1
                                             else device_mesh, tp_group)
-            if ep_group is not None:
-                module.register_forward_hook(_aux_hook(ep_group), with_kwargs=True)
+            if aux_group is not None:
+                self._mark_aux(module, style)
+                module.register_forward_hook(_aux_hook(aux_group), with_kwargs=True)
         return module
 
     # experts: DTensor weights + token exchange around GroupedExperts.forward(x, counts)
     def _shard_experts(self, experts: GroupedExperts, mesh: DeviceMesh, ep_group, tp_group) -> None:
+        if experts.expert_proj_bias:  # NOTE: b1/b2/b3 are not sharded (nor b2 kept off the TP partial sums) yet
+            raise ValueError("expert_proj_bias=True (experts.b1/b2/b3) is not supported by the parallel styles yet")
         shard = {"w1": {}, "w2": {}, "w3": {}}
         for name, tp_axis in (("w1", 1), ("w2", 2), ("w3", 1)):
             if self.ep_dim:
@@ -344,13 +389,16 @@ class ExpertParallel(_MoEParallel):
     (dropless, split sizes from exchanged counts) before the experts and back after them; the aux
     losses of an ``MoE`` become those of the whole batch across ``ep_dim``. The router and shared
     expert stay plain parameters (reduce their gradients with ``all_reduce_dense_grads``).
-    Applied to a ``GroupedExperts`` only the experts are handled.
+    Applied to a ``GroupedExperts`` only the experts are handled. ``dp_dim`` (a mesh dim name or a
+    tuple of them, e.g. "dp") names data-parallel dims next to ``ep_dim``: their ranks hold other
+    tokens and the same experts, and the aux losses become those of the whole batch across
+    ``dp_dim`` x ``ep_dim`` (shard the parameters over ``dp_dim`` with ``fully_shard_moe``).
     Raises ``ValueError`` (missing mesh dim, ``num_experts % ep != 0``), ``TypeError`` (module kind).
     """
 
-    def __init__(self, ep_dim: str = "ep"):
+    def __init__(self, ep_dim: str = "ep", dp_dim: str | tuple[str, ...] | None = None):
         super().__init__()
-        self.ep_dim = ep_dim
+        self.ep_dim, self.dp_dim = ep_dim, dp_dim
 
 
 class TensorParallel(_MoEParallel):
@@ -361,42 +409,148 @@ class TensorParallel(_MoEParallel):
     shared ``FeedForward`` is split the same way (``w1``/``w3.weight`` ``Shard(0)``, ``w2.weight``
     ``Shard(1)``) and the router gate is a ``Replicate()`` DTensor whose gradient is averaged over
     ``tp_dim`` after accumulation (it is already identical; the average keeps it bit-identical).
+    ``dp_dim``: data-parallel dims next to ``tp_dim`` (as ``ExpertParallel``): the aux losses become
+    whole-batch values across them. Under ``fully_shard`` the averaging hook is not carried over to
+    FSDP's parameters; the router gradient is then identical on the TP ranks by construction only.
     Raises ``ValueError`` (missing mesh dim, ``hidden_dim`` or ``shared_hidden_dim`` % tp != 0).
     """
 
-    def __init__(self, tp_dim: str = "tp"):
+    def __init__(self, tp_dim: str = "tp", dp_dim: str | tuple[str, ...] | None = None):
         super().__init__()
-        self.tp_dim = tp_dim
+        self.tp_dim, self.dp_dim = tp_dim, dp_dim
 
 
 class ExpertTensorParallel(_MoEParallel):
     """``ExpertParallel`` over ``ep_dim`` and ``TensorParallel`` over ``tp_dim`` together (2-D mesh).
 
     Expert weights ``[Shard(0), Shard(1)]`` (w1, w3) / ``[Shard(0), Shard(2)]`` (w2) over (ep, tp);
-    a rank exchanges tokens with the ranks of its ``tp`` index along ``ep``. Raises as both.
+    a rank exchanges tokens with the ranks of its ``tp`` index along ``ep``; ``dp_dim`` as
+    ``ExpertParallel``. Raises as both.
     """
 
-    def __init__(self, ep_dim: str = "ep", tp_dim: str = "tp"):
+    def __init__(self, ep_dim: str = "ep", tp_dim: str = "tp", dp_dim: str | tuple[str, ...] | None = None):
         super().__init__()
-        self.ep_dim, self.tp_dim = ep_dim, tp_dim
+        self.ep_dim, self.tp_dim, self.dp_dim = ep_dim, tp_dim, dp_dim
+
+
+class DataParallel(_MoEParallel):
+    """Data parallelism over ``dp_dim`` (a mesh dim name or a tuple of them; default "dp") alone.
+
+    Shards nothing (``fully_shard_moe`` or DDP does that); it makes the aux losses of an ``MoE``
+    (``load_balance_loss``, ``router_z_loss``) those of the whole batch across ``dp_dim``, as
+    ``ExpertParallel`` does across ``ep``, so the gradients summed over ``dp_dim`` are those of one
+    device on the concatenated batch. With ``ep``/``tp`` on the mesh use their style's ``dp_dim``.
+    Raises ``ValueError`` (missing mesh dim, set up twice), ``TypeError`` (not an ``MoE``).
+    """
+
+    def __init__(self, dp_dim: str | tuple[str, ...] = "dp"):
+        super().__init__()
+        self.dp_dim = dp_dim
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        style = type(self).__name__
+        if not isinstance(module, MoE):
+            raise TypeError(f"{style} applies to a moe_torch.MoE, got {type(module).__name__}")
+        group = self._token_group(device_mesh, style)
+        self._mark_aux(module, style)
+        module.register_forward_hook(_aux_hook(group), with_kwargs=True)
+        return module
 
 
 # -------------------------------------------------------------------------- gradient reduction
-@torch.no_grad()
-def all_reduce_dense_grads(module: nn.Module, group) -> None:
-    """Sum the gradients of every non-expert parameter over ``group`` (the data-parallel / ``ep`` ranks).
+def expert_data_mesh(mesh: DeviceMesh, ep_dim: str = "ep", tp_dim: str = "tp") -> DeviceMesh | None:
+    """The expert-data-parallel ranks: the 1-D mesh of every dim but ``ep_dim`` and ``tp_dim``
+    (flattened in mesh order), i.e. the ranks holding *the same experts* and different tokens
+    (torchtitan's ``dp_shard_mod_ep`` / efsdp split of ``dp_shard``). None when there is none."""
+    dims = tuple(n for n in _dim_names(mesh) if n not in (ep_dim, tp_dim))
+    if not dims:
+        return None
+    return token_mesh(mesh[dims] if dims != _dim_names(mesh) else mesh, "")
 
-    Under EP each rank's router and shared-expert gradients hold only its own tokens' share; their sum
-    over ``group`` is the gradient of the whole batch (``token_group(mesh)`` gives the group). Parameters
-    of ``GroupedExperts`` are skipped: the all-to-all backward already summed every rank's tokens into
-    them, so reducing them again (or averaging) would scale them by the ``ep`` size. Parameters
-    without a gradient are skipped. ``group=None`` does nothing.
+
+def _is_fully_sharded(module: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in module.modules())
+
+
+@torch.no_grad()
+def all_reduce_dense_grads(module: nn.Module, group, expert_group=None) -> None:
+    """Sum gradients over the ranks each parameter is replicated on (data parallelism without FSDP).
+
+    Every non-expert parameter (router gate, shared expert) is summed over ``group``, all ranks that
+    hold different tokens (``token_group(mesh)``: ``ep`` and any ``dp`` dims): each rank's gradient is
+    only its own tokens' share, their sum the gradient of the whole batch. ``GroupedExperts``
+    parameters are summed over ``expert_group`` only (``expert_data_mesh(mesh).get_group()``, the
+    ``dp`` ranks holding the same experts; None: not at all): the all-to-all backward already summed
+    every ``ep`` rank's tokens into them, so a reduction over ``ep`` would count them ``ep`` times.
+    Sums, never means (the gradient of the sum of the ranks' losses). Parameters without a
+    gradient are skipped; ``group=None`` skips the dense ones.
+    Raises ``ValueError`` for a module under ``fully_shard``: FSDP reduces its gradients itself
+    (``fully_shard_moe``), and reducing them here as well would count them twice.
     """
-    if group is None:
-        return
-    skip = {id(p) for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    if _is_fully_sharded(module):
+        raise ValueError("all_reduce_dense_grads: the module is under fully_shard (FSDP2), which already "
+                         "reduced its gradients (see fully_shard_moe); reducing them again would count them twice")
+    experts = {id(p) for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
     for p in module.parameters():
-        if id(p) in skip or p.grad is None:
-            continue
-        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)
+        g = None if p.grad is None else p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        target = expert_group if id(p) in experts else group
+        if g is not None and target is not None:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=target)
+
+
+REDUCTIONS = ("sum", "mean")
+
+
+def fully_shard_moe(moe: MoE, device_mesh: DeviceMesh, dp_dim: str | tuple[str, ...] = "dp", ep_dim: str = "ep",
+                    tp_dim: str = "tp", reduce: str = "sum", **fsdp_kwargs) -> MoE:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) for an ``MoE`` on a mesh with data-parallel dims.
+
+    Call it after the parallel style (``ExpertParallel(dp_dim=...)``, ``TensorParallel(dp_dim=...)``,
+    ``ExpertTensorParallel(dp_dim=...)`` or ``DataParallel()`` for a mesh of ``dp_dim`` only), as
+    torchtitan's ``apply_fsdp`` does for its MoE blocks:
+
+    - ``moe.experts`` is sharded over the expert-data-parallel ranks (``expert_data_mesh``: the mesh
+      minus ``ep_dim`` and ``tp_dim``): with ``ep`` its ``E / ep`` local experts are split again over
+      ``dp`` (``_StridedShard`` placements), its gradient reduce-scattered over ``dp`` only;
+    - the rest (router gate, shared expert) is sharded over every token-parallel rank
+      (``token_mesh``: ``dp`` x ``ep`` flattened), its gradient reduce-scattered over all of them.
+
+    ``reduce`` sets both groups' gradient divide factor (``set_gradient_divide_factor``):
+    "sum" (factor 1, default) gives the gradient of the *sum* of the ranks' losses, which with a
+    per-rank loss summed over its tokens is the single-device gradient of the whole batch (what
+    ``moe-parity run --mesh dp=2xep=2`` checks); "mean" divides both by the token-parallel size
+    (``dp * ep``; for a per-rank mean loss). NOTE: FSDP's default would divide the expert
+    gradients by ``dp`` and the rest by ``dp * ep``, scaling the experts ``ep`` times too high.
+    The whole-batch aux losses are on every rank, each rank's backward its share: with "mean",
+    multiply them by ``dp * ep`` to keep their weight. Collectives use SUM only
+    (``set_force_sum_reduction_for_comms``: gloo has no PREMUL_SUM). ``fsdp_kwargs`` go to
+    ``fully_shard`` (``reshard_after_forward``, ``mp_policy``, ...). Returns ``moe``.
+
+    Raises ``ValueError`` for a missing ``dp_dim``, an unknown ``reduce``, a mesh with ``ep_dim``
+    whose experts are not yet sharded by ``ExpertParallel``; ``TypeError`` for a non-``MoE``.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not isinstance(moe, MoE):
+        raise TypeError(f"fully_shard_moe applies to a moe_torch.MoE, got {type(moe).__name__}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"fully_shard_moe: reduce={reduce!r} is not one of {REDUCTIONS}")
+    names = _dim_names(device_mesh)
+    for d in (dp_dim,) if isinstance(dp_dim, str) else dp_dim:
+        mesh_dim_size(device_mesh, d, "fully_shard_moe")
+    if ep_dim in names and not isinstance(moe.experts.w1, DTensor):
+        raise ValueError(f"fully_shard_moe: the mesh has {ep_dim!r} but the experts are plain tensors; apply "
+                         f"ExpertParallel(dp_dim=...) (parallelize_module) first")
+    if not getattr(moe, "_moe_parallel_aux", None):
+        raise ValueError("fully_shard_moe: apply a style with the data-parallel dims first (ExpertParallel(dp_dim="
+                         "...), TensorParallel(dp_dim=...) or DataParallel()), so the aux losses are whole-batch")
+    expert_mesh = expert_data_mesh(device_mesh, ep_dim, tp_dim)
+    dense_mesh = token_mesh(device_mesh, tp_dim)
+    fully_shard(moe.experts, mesh=expert_mesh, **fsdp_kwargs)
+    fully_shard(moe, mesh=dense_mesh, **fsdp_kwargs)
+    factor = 1.0 if reduce == "sum" else float(dense_mesh.size())
+    for m in (moe.experts, moe):
+        m.set_gradient_divide_factor(factor)
+        m.set_force_sum_reduction_for_comms(True)
+    return moe

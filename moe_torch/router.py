@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_torch.feed_forward import local_tensor
+from moe_torch.norm import rms_norm
 from parity.config import validate_routing
 
 ROUTE_NORM_EPS = 1e-20
+INPUT_NORM_EPS = 1e-6
 
 
 def topk_lower_index(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,7 +62,7 @@ class RouterOutput(NamedTuple):
 # the router's options; assigning one re-validates the whole set (``parity.config.validate_routing``)
 ROUTING_OPTIONS = ("top_k", "score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
                    "group_score", "route_order", "route_norm_eps",
-                   "route_norm_mode")
+                   "route_norm_mode", "route_norm_p", "input_norm_eps")
 
 
 class TokenChoiceTopKRouter(nn.Module):
@@ -85,8 +87,19 @@ class TokenChoiceTopKRouter(nn.Module):
         route_order: "scale_first" (default, the original module: select on ``scores * route_scale +
             expert_bias``, groups from ``scores * route_scale``) | "bias_first" (DeepSeek-V3 /
             torchtitan: select on ``scores + expert_bias``, groups included). DESIGN.md steps 2-3.
+        route_norm_p: None (default: divide by the sum) | a finite p > 0: with ``route_norm``, divide
+            by the p-norm ``(sum |w|^p)^(1/p)`` of the k weights (DBRX's ``moe_normalize_expert_weights``).
+        router_input_norm: the router sees ``rms_norm(x) * scale * dim**-0.5`` (Gemma 4's router;
+            adds the parameter ``scale`` (D,)). Fixed at construction.
+        per_expert_scale: the routing weights are multiplied by ``per_expert_scale[idx]`` after
+            ``route_scale`` (Gemma 4; adds the parameter ``per_expert_scale`` (E,)). Fixed.
+        input_norm_eps: the epsilon of that RMSNorm, ``x * (mean(x**2) + eps) ** -0.5`` (default
+            1e-6, Gemma 4's ``rms_norm_eps``); >= 0.
 
-    Parameter: ``gate`` (nn.Linear D -> E, no bias; canonical name ``gate.weight`` (E, D)).
+    Parameters: ``gate`` (nn.Linear D -> E; canonical name ``gate.weight`` (E, D); with
+    ``router_bias=True`` (GPT-OSS, step 1: ``logits = x @ gate.T + bias`` in float32) also ``gate.bias``
+    (E,), zero after ``init_weights``); ``scale`` (D,) with ``router_input_norm``; ``per_expert_scale``
+    (E,) with ``per_expert_scale``.
     Raises ``ValueError`` for invalid options (``parity.config.validate_routing``), at construction
     and when an option attribute is assigned (change several at once with ``configure``);
     ``num_experts`` is fixed by the gate's shape (``AttributeError`` on assignment).
@@ -107,22 +120,39 @@ class TokenChoiceTopKRouter(nn.Module):
                  num_expert_groups: int | None = None, num_limited_groups: int | None = None,
                  route_scale: float = 1.0, *, route_norm: bool = False, group_score: str = "max",
                  route_order: str = "scale_first", route_norm_eps: float = ROUTE_NORM_EPS,
-                 route_norm_mode: str = "add"):
+                 route_norm_mode: str = "add", route_norm_p: float | None = None,
+                 router_input_norm: bool = False, per_expert_scale: bool = False,
+                 input_norm_eps: float = INPUT_NORM_EPS, router_bias: bool = False):
         super().__init__()
         options = dict(top_k=top_k, score_func=score_func, route_norm=route_norm, route_scale=route_scale,
                        num_expert_groups=num_expert_groups, num_limited_groups=num_limited_groups,
                        group_score=group_score, route_order=route_order, route_norm_eps=route_norm_eps,
-                       route_norm_mode=route_norm_mode)
+                       route_norm_mode=route_norm_mode, route_norm_p=route_norm_p, input_norm_eps=input_norm_eps)
         self._check_options(num_experts, options)
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        for name, value in (("router_input_norm", router_input_norm), ("per_expert_scale", per_expert_scale),
+                            ("router_bias", router_bias)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be True or False")
+        # (1) GPT-OSS's router is a Linear with a bias (``gate.bias`` (E,)); the others have none
+        self.gate = nn.Linear(dim, num_experts, bias=router_bias)
+        # (1) / (5) Gemma 4's learned router-input scale and per-expert weight scale (None without)
+        self.scale = nn.Parameter(torch.ones(dim)) if router_input_norm else None
+        self.per_expert_scale = nn.Parameter(torch.ones(num_experts)) if per_expert_scale else None
         self._num_experts = num_experts
         for name, value in options.items():
             super().__setattr__(name, value)
+
+    @property
+    def router_input_norm(self) -> bool:
+        """Whether the router RMS-normalises its input (a ``scale`` parameter exists); fixed."""
+        return self.scale is not None
 
     @staticmethod
     def _check_options(num_experts: int, options: dict) -> None:
         if not isinstance(options["route_norm"], bool):
             raise ValueError(f"route_norm={options['route_norm']!r} must be True or False")
+        if options.get("route_norm_p") is not None and not options["route_norm"]:
+            raise ValueError(f"route_norm_p={options['route_norm_p']} needs route_norm=True")
         validate_routing(num_experts=num_experts, **{k: v for k, v in options.items() if k != "route_norm"})
 
     @property
@@ -161,6 +191,11 @@ class TokenChoiceTopKRouter(nn.Module):
 
     def init_weights(self, std: float | None = None) -> None:
         nn.init.normal_(self.gate.weight, 0.0, std if std is not None else self.gate.in_features ** -0.5)
+        for scale in (self.scale, self.per_expert_scale):  # Gemma 4 initialises its scales to 1
+            if scale is not None:
+                nn.init.ones_(scale)
+        if self.gate.bias is not None:
+            nn.init.zeros_(self.gate.bias)
 
     def _check_selected(self, selected: torch.Tensor, n: int) -> torch.Tensor:
         if not isinstance(selected, torch.Tensor) or selected.dtype.is_floating_point or selected.dtype.is_complex \
@@ -185,7 +220,14 @@ class TokenChoiceTopKRouter(nn.Module):
         """
         # (1) float32-or-wider router: both operands upcast first (float64 stays float64)
         rdtype = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(rdtype), local_tensor(self.gate.weight).to(rdtype))
+        xr = x.to(rdtype)
+        if self.scale is not None:
+            # (1) Gemma 4's router input: RMS-normalised without a weight, times scale and dim**-0.5
+            xr = rms_norm(xr, self.input_norm_eps) * local_tensor(self.scale).to(rdtype) * self.gate.in_features ** -0.5
+        if self.gate.bias is None:
+            logits = F.linear(xr, local_tensor(self.gate.weight).to(rdtype))
+        else:  # (1) GPT-OSS: + gate.bias, upcast like the weight
+            logits = F.linear(xr, local_tensor(self.gate.weight).to(rdtype), local_tensor(self.gate.bias).to(rdtype))
         scores = torch.softmax(logits, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits)
         if selected_experts is None:
             with torch.no_grad():
@@ -210,10 +252,14 @@ class TokenChoiceTopKRouter(nn.Module):
         # (5) unbiased routing weights (the same in both route orders)
         w = scores.gather(-1, idx)
         if self.route_norm:
-            total = w.sum(-1, keepdim=True)
+            # the sum, or DBRX's p-norm (torch.norm(p=moe_normalize_expert_weights) is this vector_norm)
+            total = (w.sum(-1, keepdim=True) if self.route_norm_p is None
+                     else torch.linalg.vector_norm(w, ord=self.route_norm_p, dim=-1, keepdim=True))
             w = w / (total.clamp(min=self.route_norm_eps) if self.route_norm_mode == "clamp"
                      else total + self.route_norm_eps)
         w = w * self.route_scale
+        if self.per_expert_scale is not None:  # Gemma 4: a learned scale per chosen expert
+            w = w * local_tensor(self.per_expert_scale).to(w.dtype)[idx]
         return RouterOutput(logits, scores, idx, w)
 
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
@@ -228,4 +274,6 @@ class TokenChoiceTopKRouter(nn.Module):
                 f"route_norm={self.route_norm}, route_scale={self.route_scale}, "
                 f"num_expert_groups={self.num_expert_groups}, num_limited_groups={self.num_limited_groups}, "
                 f"group_score={self.group_score!r}, route_order={self.route_order!r}, "
-                f"route_norm_eps={self.route_norm_eps}, route_norm_mode={self.route_norm_mode!r}")
+                f"route_norm_eps={self.route_norm_eps}, route_norm_mode={self.route_norm_mode!r}, "
+                f"route_norm_p={self.route_norm_p}, router_input_norm={self.router_input_norm}, "
+                f"per_expert_scale={self.per_expert_scale is not None}, input_norm_eps={self.input_norm_eps}")

@@ -9,6 +9,8 @@ Subcommands::
     moe-parity init-weights (--preset NAME | --config FILE) --out FILE [--seed 0]
     moe-parity import-hf PATH --layer N --out FILE
     moe-parity compare A B [--factor 10] [--all]   (A, B: report.json files or run --out directories)
+    moe-parity train [--preset NAME | --config FILE | --hf PATH] [--steps 50] [--optimizer adamw|sgd] ...
+                     (training parity; parity.train.command)
 
 Exit status: 0 every check passed, 1 a check failed, 2 bad usage or nothing could run (one line on
 stderr saying why; for weights that do not match the config, the list of offending keys follows).
@@ -280,7 +282,7 @@ class _RichProgress:
 
 # --------------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from parity.backends import DEFAULT_BACKENDS, make_runner, normalize_backend
+    from parity.backends import DEFAULT_BACKENDS, make_runner
     from parity.weights import WeightsError, init_weights, load_weights
 
     # --- cheap checks first: nothing below may fail after a long run ---
@@ -295,6 +297,8 @@ def cmd_run(args) -> int:
         check_out_dir(args.out)
     tolerances = parse_tolerances(args)
     mesh = parse_mesh(args.mesh) if args.mesh else None
+    if args.processes is not None and mesh is None:
+        raise UsageError(f"--processes {args.processes} needs --mesh (it says how many processes host the mesh)")
     # --- what layer ---
     hf_weights = None
     preset_name = None
@@ -315,13 +319,15 @@ def cmd_run(args) -> int:
             cfg = cfg.replace(expert_kernel=args.kernel)
         except ValueError as exc:
             raise UsageError(f"--kernel: {exc}") from None
-    # --- which backends ---
+    # --- which backends (built-in names, peers, plugins, package.module:factory: parity.backends.plugins) ---
+    from parity.backends.plugins import resolve_backends
+
     try:
-        names = [normalize_backend(b) for b in args.backends.split(",") if b.strip()] if args.backends \
-            else list(DEFAULT_BACKENDS) + (["hf:cpu"] if args.hf else [])
+        names, extra_columns = resolve_backends(args.backends, hf_path=args.hf, hf_layer=args.layer) \
+            if args.backends else (list(DEFAULT_BACKENDS) + (["hf:cpu"] if args.hf else []), [])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if not names:
+    if not names and not extra_columns:
         raise UsageError("--backends is empty")
     names = list(dict.fromkeys(names))
     if mesh is not None:
@@ -331,10 +337,12 @@ def cmd_run(args) -> int:
             check_mesh(mesh, args.batch, cfg=cfg)
         except ValueError as exc:
             raise UsageError(f"--mesh {args.mesh}: {exc}") from None
-    runners = [make_runner(n, hf_path=args.hf, hf_layer=args.layer) for n in names]
+    runners = [make_runner(n, hf_path=args.hf, hf_layer=args.layer) for n in names] + extra_columns
+    if args.compile:  # issue 18: "torch:<dev>+compile" and "jax:<plat>+eager" next to their columns
+        runners = importlib.import_module("parity.backends.compiled").with_compile_columns(runners)
     if mesh is not None:
         try:
-            runners += importlib.import_module("parity.mesh").make_runners(mesh, names)
+            runners += importlib.import_module("parity.mesh").make_runners(mesh, names, processes=args.processes)
         except ValueError as exc:
             raise UsageError(f"--mesh {args.mesh}: {exc}") from None
     # --- weights ---
@@ -437,8 +445,13 @@ def cmd_presets(args) -> int:
         routing = f"{c.score_func} top-{c.top_k}"
         if c.num_expert_groups:
             routing += f", groups {c.num_limited_groups}/{c.num_expert_groups}"
-        routing += (", norm" if c.route_norm else "") + (f", x{c.route_scale:g}" if c.route_scale != 1 else "")
+        routing += (", norm" if c.route_norm else "") + (f" p{c.route_norm_p:g}" if c.route_norm_p else "")
+        routing += (f", x{c.route_scale:g}" if c.route_scale != 1 else "") + (", rms" if c.router_input_norm else "")
+        routing += ", x e-scale" if c.per_expert_scale else ""
         routing += ", " + ("before" if c.score_before_experts else "after")
+        if c.capacity_factor is not None or c.expert_capacity is not None:  # (6a) capacity, keep policy
+            cap = f"cf {c.capacity_factor:g}" if c.capacity_factor is not None else f"C {c.expert_capacity}"
+            routing += f", {cap} {c.capacity_policy}"
         experts = f"{c.num_experts}" + (f"+{c.num_shared_experts}sh" if c.num_shared_experts else "")
         bal = ", ".join(filter(None, [
             "bias" if c.use_expert_bias else "",
@@ -446,8 +459,10 @@ def cmd_presets(args) -> int:
             f"z {c.router_z_loss_coeff:g}" if c.router_z_loss_coeff else ""])) or "-"
         source = "moe_torch defaults" if p.name == "default" else p.source.split(" (")[0].rsplit("/", 1)[-1]
         table.add_row(p.name, routing, experts, bal, source)
-    table.caption = ("routing: score function, top-k, groups kept/total, route_norm, route_scale, routing "
-                     "weights before/after the experts; experts: routed + shared; sizes: --json")
+    table.caption = ("routing: score function, top-k, groups kept/total, route_norm (pN: by the N-norm), "
+                     "route_scale, rms: RMS-normalised router input, x e-scale: per-expert scale, routing "
+                     "weights before/after the experts, capacity (cf factor | C fixed) and keep policy; "
+                     "experts: routed + shared; sizes: --json")
     table.caption_justify = "left"
     console.print(table)
     return 0
@@ -555,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of weights, input and cotangent, an integer >= 0 (default 0)")
     r.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     r.add_argument("--backends", help="comma list of torch:cpu,torch:cuda,torch:npu,jax:cpu,jax:gpu,"
-                                      "jax:tpu,hf:cpu,reference:cpu (default: all but hf/reference)")
+                                      "jax:tpu,hf:cpu,reference:cpu (default: all but hf/reference), a peer "
+                                      "(torchtitan:cpu), a plugin's name, or package.module:factory (a column "
+                                      "of your own, docs/columns.md); `moe-parity backends` lists them")
     r.add_argument("--kernel", help="expert_kernel override (e.g. loop, grouped_mm, ragged_dot)")
     r.add_argument("--batch", type=positive_int, default=2)
     r.add_argument("--seq-len", type=positive_int, default=8)
@@ -571,7 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest selection margin counted as a near-tie (default 1e-4; >= 0)")
     r.add_argument("--allow-nonfinite", action="store_true",
                    help="accept NaN/Inf in the weights (refused by default) and compare NaN/Inf positions as masks")
-    r.add_argument("--mesh", help="also run the sharded layers (CPU), e.g. ep=2, tp=2, ep=2xtp=2")
+    r.add_argument("--mesh", help="also run the sharded layers (CPU), e.g. ep=2, tp=2, ep=2xtp=2, dp=2xep=2 "
+                                  "(dp: FSDP2 in torch)")
+    r.add_argument("--processes", type=positive_int, default=None,
+                   help="processes hosting the --mesh: torch one per rank (the default, the only choice); "
+                        "jax default 1, or N dividing the device count (jax.distributed on 127.0.0.1)")
     r.add_argument("--out", metavar="DIR", help="write report.json, report.md and PNG plots here")
     r.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
     r.add_argument("--max-rows", type=non_negative_int, default=None, help="terminal table rows (default all; 0 all)")
@@ -579,11 +600,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compact", action="store_true",
                    help="the narrow table (backend and reference in one column, no cosine); the default "
                         "below 110 columns")
+    r.add_argument("--compile", action="store_true",
+                   help="also run each torch column under torch.compile (torch:cpu+compile) and each JAX "
+                        "column without jit (jax:cpu+eager), compared with the rest")
     r.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep JAX's compiled programs between runs (default: kept in "
                         "$MOE_PARITY_JAX_CACHE, else $XDG_CACHE_HOME/moe-parity/jax, else ~/.cache/moe-parity/jax; "
                         "MOE_PARITY_JAX_CACHE=off also turns it off)")
     r.set_defaults(func=cmd_run)
+
+    bk = sub.add_parser("backends", help="list the report's possible columns (built-in, peers, plugins) and why "
+                                         "any is unavailable here")
+    bk.add_argument("--json", action="store_true")
+    bk.set_defaults(func=lambda a: importlib.import_module("parity.backends.plugins").cmd_backends(a))
 
     ps = sub.add_parser("presets", help="list the presets")
     ps.add_argument("--json", action="store_true")
@@ -611,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tolerance-ratio growth counted as a regression (default 10; a finite number > 1)")
     cp.add_argument("--all", action="store_true", help="show unchanged rows too")
     cp.set_defaults(func=cmd_compare)
+
+    from parity.train.command import add_parser as add_train_parser  # training parity (issue 17)
+
+    add_train_parser(sub)
     return p
 
 
@@ -629,4 +662,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # NOTE: `python -m parity.cli` runs this file as __main__; the subcommands' modules import parity.cli
+    # (a second copy), so its main is the one whose UsageError they raise
+    sys.exit(importlib.import_module("parity.cli").main())

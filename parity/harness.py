@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from parity import drops
 from parity import reference as ref
 from parity.backends.base import GRAD_INPUT, Runner, Tensors, objective_cotangent
 from parity.backends.reference_backend import reference_forward, selection_margins
@@ -216,7 +217,8 @@ class _Run:
         self.report = Report(settings=settings.to_dict(), environment=environment(), notes=[note] if note else [])
         self.active: list[Runner] = []
         for r in runners:
-            reason = r.unavailable()
+            reason = r.unavailable() or (r.unsupported(self.cfg) if callable(getattr(r, "unsupported", None))
+                                         else None)
             self.report.backends.append({"name": r.name, "status": "skipped" if reason else "ran",
                                          "reason": reason or ""})
             if reason:
@@ -224,8 +226,18 @@ class _Run:
                                       against="-", dtype=settings.dtype, status=SKIP, note=reason))
             else:
                 self.active.append(r)
+                self._skip_capabilities(r)
 
     # ---- helpers ---------------------------------------------------------------------------------
+    def _skip_capabilities(self, r: Runner) -> None:
+        """A SKIP row for each capability the run asks for that ``r`` lacks and gives a reason for
+        (``Runner.skip_reasons``; docs/columns.md): a missing check shows, it never passes."""
+        asked = {"aux": True, "grad": self.s.grads, "bias": self.s.steps > 0, "lock": self.s.lock_routing}
+        for cap, reason in getattr(r, "skip_reasons", {}).items():
+            if asked.get(cap) and cap not in r.capabilities:
+                self.report.add(Check(id=f"capability/{cap}/{r.name}", kind="capability", tensor=cap,
+                                      backend=r.name, against="-", dtype=self.s.dtype, status=SKIP, note=reason))
+
     def _units(self) -> int:
         n = 1 + len(self.active) * (2 if self.s.lock_routing else 1)
         for r in self.active:
@@ -289,6 +301,7 @@ class _Run:
         self.ref_out, self.ref_aux = reference_forward(self.w, self.x, cfg)
         self.progress.advance("float64 reference")
         self.margins = selection_margins(cfg, self.ref_aux["scores"], self.w["expert_bias"])
+        self.drop_margins = drops.reference_edge_margins(cfg, self.w, self.x)  # (6a) None: dropless
         s = self.s
         self.cot = round_to(objective_cotangent(self.x.shape, s.seed), s.dtype)
         self.xs = [round_to(x, s.dtype) for x in step_inputs(cfg, s.batch, s.seq_len, s.seed, s.steps)]
@@ -323,6 +336,7 @@ class _Run:
                 if t is not None:
                     self.fwd[r.name] = t
         self.lock_idx = None
+        self.lock_kept: dict = {}
         self.lock_note = ""
         if self.s.lock_routing:
             first = next((r for r in self.active if r.name in self.fwd and "lock" in r.capabilities), None)
@@ -331,11 +345,17 @@ class _Run:
                 free, _ = divergence(self.lock_idx, self.ref_aux["selected_experts"])
                 self.lock_note = (f"routing locked to {first.name}'s selection (free routing differed from "
                                   f"the reference on {len(free)} token(s){': ' + str(free.tolist()) if len(free) else ''})")
-                self.ref_out, self.ref_aux = reference_forward(self.w, self.x, cfg, self.lock_idx)
+                # (6a) with a capacity the drop decision is locked too (``kept_slots``)
+                self.lock_kept = drops.locked_kept(self.fwd[first.name])
+                if self.lock_kept:
+                    self.lock_note += "; its drop decision (kept_slots) locked too"
+                self.ref_out, self.ref_aux = reference_forward(self.w, self.x, cfg, self.lock_idx,
+                                                               **self.lock_kept)
                 for r in self.active:
                     if r.name in self.fwd and "lock" in r.capabilities:
                         t = self._call(r, "forward (locked)", r.forward, cfg, self.w, self.x, dtype,
-                                       selected_experts=self.lock_idx)
+                                       selected_experts=self.lock_idx,
+                                       **drops.lock_kwargs(r.forward, self.lock_kept))
                         if t is None:
                             del self.fwd[r.name]
                         else:
@@ -373,6 +393,15 @@ class _Run:
                 id=f"routing/selected_experts/{name}~{against}", kind="routing", tensor="selected_experts",
                 backend=name, against=against, dtype="int64", status=status, numel=int(ia.size),
                 masked_tokens=int(len(diverged)), note="; ".join(filter(None, [finding.summary(), note]))))
+        if "kept_slots" in actual and "kept_slots" in expected and "selected_experts" in actual:
+            # (6a) dropped tokens: a finding of their own, masked below like diverged routing
+            own = np.asarray(actual["selected_experts"], np.int64)
+            recomputed = (reference_forward(self.w, self.x, cfg, own, **self.lock_kept)[1]["kept_slots"]
+                          if vs_reference else None)
+            dropped, check = drops.compare_kept(cfg, name, against, actual, expected, self.drop_margins,
+                                                s.tie_tol, recomputed, diverged)
+            self.report.add(check)
+            diverged = np.union1d(diverged, dropped).astype(np.int64)
         keep = np.setdiff1d(np.arange(n_tok), diverged)
         for key in FORWARD_KEYS:
             if key == "selected_experts" or key not in expected:
@@ -400,12 +429,14 @@ class _Run:
             elif key in ("tokens_per_expert", "load_balance_loss") and len(diverged):
                 if vs_reference:
                     idx = np.asarray(actual["selected_experts"], np.int64)
+                    own_kept = drops.counted_slots(cfg, actual)  # (6a) None: every selected slot counts
                     if key == "tokens_per_expert":
-                        e = np.bincount(idx.ravel(), minlength=cfg.num_experts).astype(np.float64)
+                        e = np.bincount(idx[own_kept] if own_kept is not None else idx.ravel(),
+                                        minlength=cfg.num_experts).astype(np.float64)
                     else:
                         e = np.float64(ref.load_balance_loss(expected["scores"], idx, cfg.num_experts,
                                                              cfg.load_balance_coeff, cfg.load_balance_loss,
-                                                             batch=self.x.shape[0]))
+                                                             batch=self.x.shape[0], kept=own_kept))
                     row_note = "; ".join(filter(None, [f"expected recomputed with {name}'s routing", note]))
                 else:
                     soften = True
@@ -419,21 +450,28 @@ class _Run:
         cfg, dtype = self.cfg, self.s.dtype
         cot = self.cot
         idx64 = self.lock_idx if self.lock_idx is not None else np.asarray(self.ref_aux["selected_experts"])
+        kept64 = self.lock_kept if self.lock_idx is not None else drops.locked_kept(self.ref_aux)  # (6a)
         grads, grads64 = {}, {}
         for r in self.active:
             if "grad" not in r.capabilities:
                 continue
             div = self.diverged_from_ref.get(r.name, np.zeros(0))
-            locked = self.lock_idx is not None or len(div) > 0
+            can_lock = "lock" in r.capabilities
+            locked = can_lock and (self.lock_idx is not None or len(div) > 0)
             note = ""
-            if self.lock_idx is not None:
+            if not can_lock:
+                note = "routing not locked (the column cannot take selected_experts)" if len(div) else ""
+            elif self.lock_idx is not None:
                 note = "routing locked (--lock-routing)"
             elif len(div):
                 note = f"routing locked to the reference's choice ({len(div)} token(s) diverged in the forward)"
             g = self._call(r, f"grad {dtype}", r.grad, cfg, self.w, self.x, dtype, cot,
-                           selected_experts=idx64 if locked else None)
+                           selected_experts=idx64 if locked else None,
+                           **drops.lock_kwargs(r.grad, kept64 if locked else {}))
             g64 = g if dtype == "float64" else self._call(r, "grad float64", r.grad, cfg, self.w, self.x,
-                                                           "float64", cot, selected_experts=idx64)
+                                                           "float64", cot,
+                                                           selected_experts=idx64 if can_lock else None,
+                                                           **drops.lock_kwargs(r.grad, kept64 if can_lock else {}))
             if g is not None:
                 grads[r.name] = (g, note)
             if g64 is not None:

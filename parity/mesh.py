@@ -2,8 +2,9 @@
 
 ``make_runners(mesh, backends)`` returns one ``MeshRunner`` per framework among ``backends`` ("torch",
 "jax"): "torch:cpu[ep=2]" runs ``moe_torch.parallel`` in real gloo processes
-(``parity.mesh_torch.run_mesh_jobs``), "jax:cpu[ep=2]" runs ``moe_jax.parallel`` on host devices
-(``parity.mesh_jax.run_mesh_jobs``). The harness then compares them like any other column: forward,
+(``parity.mesh_torch.run_mesh_jobs``; with "dp" under FSDP2, ``fully_shard_moe``), "jax:cpu[ep=2]"
+runs ``moe_jax.parallel`` on host devices of one process, "jax:cpu[ep=2,procs=2]" on the devices of
+two processes joined by ``jax.distributed.initialize`` (``parity.mesh_jax.run_mesh_jobs``). The harness then compares them like any other column: forward,
 gradients and the expert-bias trajectory against the float64 reference, against their own float64
 run, and pairwise against the single-device columns (so "sharded == single device" is a row of the report).
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from parity.backends.base import GRAD_INPUT, Runner, Tensors
 from parity.config import MoEConfig
-from parity.mesh_job import MESH_AXES, STALL_TIMEOUT_S, MeshJob
+from parity.mesh_job import MESH_AXES, STALL_TIMEOUT_S, MeshJob, check_processes
 
 FRAMEWORKS = ("torch", "jax")
 
@@ -37,16 +38,23 @@ class MeshRunner(Runner):
 
     ``timeout_s``: seconds the worker processes may go without reporting progress (a hang) before
     they are terminated and the call fails (``parity.mesh_job.wait_for``); no bound on the total time.
+    ``processes``: how many processes host the mesh (``parity.mesh_job.check_processes``: torch one
+    per rank, the default and the only choice; jax default 1, or a divisor of the device count, joined
+    by ``jax.distributed.initialize``); a JAX column with several processes is named
+    "jax:cpu[ep=2,procs=2]". Raises ``ValueError`` for an unknown framework or a bad ``processes``.
     """
 
     capabilities = frozenset({"forward", "aux", "lock", "grad", "bias"})
 
-    def __init__(self, framework: str, mesh: Mapping[str, int], *, timeout_s: float = STALL_TIMEOUT_S, **hooks):
+    def __init__(self, framework: str, mesh: Mapping[str, int], *, timeout_s: float = STALL_TIMEOUT_S,
+                 processes: int | None = None, **hooks):
         super().__init__(**hooks)
         if framework not in FRAMEWORKS:
             raise ValueError(f"framework={framework!r} has no sharded runner; known: {FRAMEWORKS}")
         self.framework, self.mesh, self.timeout_s = framework, dict(mesh), timeout_s
-        self.name = f"{framework}:cpu[{mesh_name(mesh)}]"
+        self.processes = check_processes(self.mesh, processes, framework)
+        procs = f",procs={self.processes}" if framework == "jax" and self.processes > 1 else ""
+        self.name = f"{framework}:cpu[{mesh_name(mesh)}{procs}]"
         self._grad64: tuple | None = None  # (key, Tensors) of the last float64 gradient run
 
     def unavailable(self) -> str | None:
@@ -68,9 +76,11 @@ class MeshRunner(Runner):
     def _run(self, jobs: Sequence[MeshJob]) -> list[dict]:
         if self.framework == "torch":
             from parity.mesh_torch import run_mesh_jobs
-        else:
-            from parity.mesh_jax import run_mesh_jobs
-        return run_mesh_jobs(jobs, timeout_s=self.timeout_s)
+
+            return run_mesh_jobs(jobs, timeout_s=self.timeout_s)
+        from parity.mesh_jax import run_mesh_jobs
+
+        return run_mesh_jobs(jobs, timeout_s=self.timeout_s, processes=self.processes)
 
     def _job(self, cfg, weights, x, dtype, cotangent=None, selected_experts=None, xs=(), lr=1e-3) -> MeshJob:
         cfg, weights = self.prepare(cfg, weights)
@@ -159,11 +169,12 @@ def make_runners(mesh: dict[str, int], backends: list[str], **kwargs) -> list[Ru
     """Sharded runners for ``mesh`` (e.g. {"ep": 2}) of every framework named in ``backends``
     ("torch:cpu", "jax:gpu", ...: the framework part counts; sharded runs are on CPU).
 
-    Raises ValueError for a mesh axis other than "ep" / "tp" or a size < 1. ``kwargs`` go to
-    ``MeshRunner`` (``timeout_s``, test hooks).
+    Raises ValueError for a mesh axis other than "dp" / "ep" / "tp", a size < 1 or a ``processes``
+    (in ``kwargs``) a framework cannot use. ``kwargs`` go to ``MeshRunner`` (``timeout_s``,
+    ``processes``, test hooks).
     """
     if not mesh:
-        raise ValueError("mesh is empty; expected e.g. ep=2, tp=2 or ep=2xtp=2")
+        raise ValueError("mesh is empty; expected e.g. ep=2, tp=2, ep=2xtp=2 or dp=2xep=2")
     for axis, size in mesh.items():
         if axis not in MESH_AXES:
             raise ValueError(f"mesh axis {axis!r} is not supported; supported: {', '.join(MESH_AXES)}")

@@ -13,6 +13,7 @@ only after ``timeout_s`` seconds *without progress*, so a slow, loaded machine i
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +23,9 @@ import numpy as np
 
 from parity.config import MoEConfig
 
-MESH_AXES = ("ep", "tp")
+#: mesh axes in mesh order (outermost first, as torchtitan's dp_shard > ep-in-dp_shard > tp): a rank's
+#: token shard is its (dp, ep) index in row-major order; tp ranks share their tokens
+MESH_AXES = ("dp", "ep", "tp")
 BUFFERS = ("expert_bias", "tokens_per_expert")
 #: environment variable naming the file a worker appends its progress lines to
 PROGRESS_ENV = "MOE_PARITY_PROGRESS"
@@ -84,21 +87,29 @@ class MeshJob:
     extra: dict = field(default_factory=dict)
 
 
+def token_shards(mesh: Mapping[str, int]) -> int:
+    """How many different token shards ``mesh`` has: ``dp * ep`` (tp ranks share theirs)."""
+    return mesh.get("dp", 1) * mesh.get("ep", 1)
+
+
 def check_mesh(mesh: Mapping[str, int], batch: int, runner: str = "torch", cfg: MoEConfig | None = None) -> None:
-    """``ValueError`` for an axis not in ``MESH_AXES``, a size < 1 or a batch not divisible by ``ep``;
-    with ``cfg`` also for sizes the sharded layers refuse: ``num_experts`` not divisible by ``ep``
-    (each ep rank owns ``num_experts / ep`` experts), ``hidden_dim`` or ``shared_hidden_dim`` (the
-    shared experts' total) not divisible by ``tp`` (each tp rank owns a slice of the hidden units)."""
+    """``ValueError`` for an axis not in ``MESH_AXES``, a size < 1 or a batch not divisible by
+    ``dp * ep`` (each token-parallel rank takes an equal batch shard); with ``cfg`` also for sizes the
+    sharded layers refuse: ``num_experts`` not divisible by ``ep`` (each ep rank owns
+    ``num_experts / ep`` experts), ``hidden_dim`` or ``shared_hidden_dim`` (the shared experts'
+    total) not divisible by ``tp`` (each tp rank owns a slice of the hidden units)."""
     if not mesh:
-        raise ValueError("mesh is empty; expected e.g. {'ep': 2}, {'tp': 2} or {'ep': 2, 'tp': 2}")
+        raise ValueError("mesh is empty; expected e.g. {'ep': 2}, {'tp': 2}, {'dp': 2, 'ep': 2}")
     for axis, size in mesh.items():
         if axis not in MESH_AXES:
             raise ValueError(f"mesh axis {axis!r} is not supported by the {runner} mesh runner; supported: {MESH_AXES}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"mesh size {axis}={size!r} must be an integer >= 1")
-    ep = mesh.get("ep", 1)
-    if batch % ep:
-        raise ValueError(f"batch={batch} is not divisible by ep={ep}: each ep rank (shard) takes an equal batch shard")
+    ep, shards = mesh.get("ep", 1), token_shards(mesh)
+    if batch % shards:
+        what = f"ep={ep}" if "dp" not in mesh else f"dp*ep={shards}"
+        raise ValueError(f"batch={batch} is not divisible by {what}: each token-parallel rank (shard) takes an "
+                         f"equal batch shard")
     if cfg is None:
         return
     tp = mesh.get("tp", 1)
@@ -110,6 +121,28 @@ def check_mesh(mesh: Mapping[str, int], batch: int, runner: str = "torch", cfg: 
         if value % tp:
             raise ValueError(f"{name}={value} is not divisible by tp={tp}: each tp rank owns hidden_dim / tp "
                              f"of every expert's hidden units")
+
+
+def check_processes(mesh: Mapping[str, int], processes: int | None, framework: str) -> int:
+    """The number of processes a sharded ``framework`` run of ``mesh`` uses (``processes`` None: the default).
+
+    torch: one gloo process per rank, so ``processes`` must be ``prod(mesh)`` (the default).
+    jax: ``processes`` (default 1) joined by ``jax.distributed.initialize``, each with
+    ``prod(mesh) / processes`` CPU devices, so it must divide ``prod(mesh)``.
+    Raises ``ValueError`` naming the value and what was expected.
+    """
+    world = math.prod(mesh.values())
+    if processes is None:
+        return world if framework == "torch" else 1
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes={processes!r} must be an integer >= 1")
+    if framework == "torch" and processes != world:
+        raise ValueError(f"processes={processes}: the torch runner starts one gloo process per rank, so it needs "
+                         f"processes = {world} (the product of the mesh sizes)")
+    if world % processes:
+        raise ValueError(f"processes={processes} does not divide the {world} devices of the mesh: each process "
+                         f"holds the same number of devices")
+    return processes
 
 
 def write_job(path: str, job: MeshJob) -> None:

@@ -11,20 +11,25 @@ port is needed), parallelises ``moe_torch.MoE`` with ``moe_torch.parallel`` and 
 - ``"grad"``: gradients of ``sum(out * cotangent) + enabled aux losses`` w.r.t. ``"x"`` [B, S, D] and
   every parameter by canonical name, gathered to the full canonical shape (the backend's ``grad``
   keys): expert gradients are the sharded ones gathered, never reduced over ``ep``; dense gradients
-  are summed over the ``ep`` ranks (``all_reduce_dense_grads``).
+  are summed over the token-parallel (dp x ep) ranks (``all_reduce_dense_grads``, or FSDP with dp).
 - ``"bias_steps"``: one dict per step (``steps`` training-mode forwards of ``xs[i]``, or of ``x``
-  each time when ``xs`` is None, each followed by ``update_expert_bias(moe, lr, group=ep ranks)``):
-  ``tokens_per_expert`` (the buffer before the update, summed over the ``ep`` ranks),
+  each time when ``xs`` is None, each followed by ``update_expert_bias(moe, lr, group=dp x ep ranks)``):
+  ``tokens_per_expert`` (the buffer before the update, summed over the dp x ep ranks),
   ``selected_experts`` (concatenated), ``expert_bias`` (after the update), as the backend's ``bias_steps``.
 - ``"rank_spread"``: name -> max |rank r - rank 0| over all ranks of every value above (each rank
   gathers the full result): 0 means the ranks agree bit for bit (``bias_steps`` keys as ``bias/i/name``).
 - ``"dtypes"``: ``"forward/<name>"``, ``"grad/<name>"``, ``"bias/<i>/<name>"`` -> the dtype torch computed it in.
 
 Mesh: ``{"ep": n}`` -> ``ExpertParallel``, ``{"tp": n}`` -> ``TensorParallel``, ``{"ep": n, "tp": m}``
--> ``ExpertTensorParallel`` on an (ep, tp) mesh. Ranks along ``ep`` take consecutive batch shards
-(``B % ep == 0`` required); ranks along ``tp`` take the same shard.
+-> ``ExpertTensorParallel`` on an (ep, tp) mesh. With ``"dp"`` (mesh order dp, ep, tp) the style gets
+``dp_dim="dp"`` (``DataParallel`` for dp alone) and the layer is put under FSDP2 by
+``moe_torch.parallel.fully_shard_moe`` (experts over dp, the rest over dp x ep, gradients *summed*:
+each rank's loss sums its tokens, so the sum over ranks is the single-device gradient of the full
+batch); dense gradients then come from FSDP's reduce-scatter, not ``all_reduce_dense_grads``.
+Ranks along dp x ep (row-major) take consecutive batch shards (``B % (dp * ep) == 0`` required);
+ranks along ``tp`` take the same shard.
 
-Errors: ``ValueError`` for an unknown mesh axis, a size < 1, a batch not divisible by ``ep``, or a config
+Errors: ``ValueError`` for an unknown mesh axis, a size < 1, a batch not divisible by ``dp * ep``, or a config
 the mesh cannot shard (``parity.mesh_job.check_mesh``: ``num_experts % ep``, ``hidden_dim % tp``) (before any
 process starts); ``RuntimeError`` naming the rank and its exception when a rank fails (the other
 ranks are terminated); ``TimeoutError`` when the ranks make no progress for ``timeout_s`` seconds
@@ -208,14 +213,24 @@ def run_jobs_on_rank(rank: int, world: int, folder: str, count: int) -> None:
         report_progress(f"rank {rank}: job {i + 1}/{count} done")
 
 
-def build_sharded_moe(cfg: MoEConfig, weights: Mapping[str, np.ndarray], dtype: str, device_mesh, train: bool):
+def build_sharded_moe(cfg: MoEConfig, weights: Mapping[str, np.ndarray], dtype: str, device_mesh, train: bool,
+                      fsdp: bool = True):
     """A ``moe_torch.MoE`` loaded with ``weights`` (float64 arrays), cast to ``dtype``, parallelised on
-    ``device_mesh`` (dims "ep" and/or "tp"). float64 uses the exact "loop" kernel, as the torch backend."""
+    ``device_mesh`` (dims "dp", "ep" and/or "tp"): the ep/tp style (with ``dp_dim="dp"`` when the mesh
+    has "dp", ``DataParallel`` for "dp" alone), then with "dp" and ``fsdp`` FSDP2 by ``fully_shard_moe``
+    (sum reduction; ``fsdp=False``: parameters replicated over "dp", gradients for
+    ``all_reduce_dense_grads``). float64 uses the exact "loop" kernel, as the torch backend."""
     import torch
     from torch.distributed.tensor.parallel import parallelize_module
 
     from moe_torch import MoE
-    from moe_torch.parallel import ExpertParallel, ExpertTensorParallel, TensorParallel
+    from moe_torch.parallel import (
+        DataParallel,
+        ExpertParallel,
+        ExpertTensorParallel,
+        TensorParallel,
+        fully_shard_moe,
+    )
 
     if dtype == "float64":
         cfg = cfg.replace(expert_kernel="loop")
@@ -227,10 +242,14 @@ def build_sharded_moe(cfg: MoEConfig, weights: Mapping[str, np.ndarray], dtype: 
     for k in BUFFERS:
         state.setdefault(k, torch.zeros(cfg.num_experts))
     moe.load_state_dict(state)
-    names = device_mesh.mesh_dim_names
-    style = (ExpertTensorParallel() if {"ep", "tp"} <= set(names) else
-             ExpertParallel() if "ep" in names else TensorParallel())
+    names = set(device_mesh.mesh_dim_names)
+    dp = "dp" if "dp" in names else None
+    style = (ExpertTensorParallel(dp_dim=dp) if {"ep", "tp"} <= names else
+             ExpertParallel(dp_dim=dp) if "ep" in names else
+             TensorParallel(dp_dim=dp) if "tp" in names else DataParallel())
     moe = parallelize_module(moe, device_mesh, style, src_data_rank=None)
+    if dp and fsdp:
+        fully_shard_moe(moe, device_mesh, reduce="sum")
     return moe.train(train)
 
 
@@ -241,7 +260,7 @@ def _run_job(rank: int, path: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from moe_torch import update_expert_bias
-    from moe_torch.parallel import all_reduce_dense_grads, token_group
+    from moe_torch.parallel import all_reduce_dense_grads, expert_data_mesh, token_mesh
 
     with open(path + ".json") as f:
         meta = json.load(f)
@@ -251,16 +270,17 @@ def _run_job(rank: int, path: str) -> None:
     mesh = meta["mesh"]
     names = tuple(n for n in MESH_AXES if n in mesh)
     dm = init_device_mesh("cpu", tuple(mesh[n] for n in names), mesh_dim_names=names)
-    group = token_group(dm)
-    ep, ep_rank = (dm.size(names.index("ep")), dm.get_local_rank("ep")) if "ep" in names else (1, 0)
+    tokens = token_mesh(dm)  # dp x ep flattened: the ranks holding different batch shards
+    group = None if tokens is None else tokens.get_group()
+    shards, me = (tokens.size(), tokens.get_local_rank()) if tokens is not None else (1, 0)
     weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
     dtype = meta["dtype"]
     tdtype = getattr(torch, dtype)
     acc = torch.float64 if dtype == "float64" else torch.float32
 
     def shard(a):  # this rank's batch (or token-row) shard
-        n = a.shape[0] // ep
-        return a[ep_rank * n:(ep_rank + 1) * n]
+        n = a.shape[0] // shards
+        return a[me * n:(me + 1) * n]
 
     def gather(t, op="cat"):
         t = t.detach()
@@ -270,7 +290,7 @@ def _run_job(rank: int, path: str) -> None:
             t = t.clone()
             dist.all_reduce(t, group=group)
             return t
-        parts = [torch.empty_like(t) for _ in range(ep)]
+        parts = [torch.empty_like(t) for _ in range(shards)]
         dist.all_gather(parts, t.contiguous(), group=group)
         return torch.cat(parts)
 
@@ -282,7 +302,8 @@ def _run_job(rank: int, path: str) -> None:
         out_arrays[key] = t.numpy() if not t.is_floating_point() else t.double().numpy()
 
     # forward + gradients (eval mode, as the torch backend's grad)
-    moe = build_sharded_moe(cfg, weights, dtype, dm, train=False)
+    fsdp = meta["extra"].get("fsdp", True)  # test hook: dp without FSDP (all_reduce_dense_grads)
+    moe = build_sharded_moe(cfg, weights, dtype, dm, train=False, fsdp=fsdp)
     x = torch.from_numpy(shard(arrays["x"])).to(tdtype).requires_grad_(True)
     kwargs = {"selected_experts": torch.from_numpy(shard(arrays["sel"]))} if "sel" in arrays else {}
     if meta["extra"].get("fail_rank") == rank:  # test hook: this rank fails after the others entered a collective
@@ -293,7 +314,11 @@ def _run_job(rank: int, path: str) -> None:
         if key in aux:
             loss = loss + aux[key].to(acc)
     loss.backward()
-    all_reduce_dense_grads(moe, group)
+    if "dp" not in mesh:  # dense gradients summed over ep; the experts' already hold every ep rank's tokens
+        all_reduce_dense_grads(moe, group)
+    elif not fsdp:  # plain data parallel: experts summed over the dp ranks holding them, the rest over dp x ep
+        all_reduce_dense_grads(moe, group, expert_data_mesh(dm).get_group())
+    # else: fully_shard_moe's reduce-scatters already summed them over the same groups
     put("forward/out", gather(out))
     for key, value in aux.items():
         if key in ("load_balance_loss", "router_z_loss"):
@@ -307,7 +332,7 @@ def _run_job(rank: int, path: str) -> None:
     report_progress(f"rank {rank}: {os.path.basename(path)} forward + gradients")
 
     # bias steps (training mode, a fresh module as the torch backend's bias_steps)
-    moe = build_sharded_moe(cfg, weights, dtype, dm, train=True)
+    moe = build_sharded_moe(cfg, weights, dtype, dm, train=True, fsdp=fsdp)
     for i in range(meta["steps"]):
         with torch.no_grad():
             _, aux = moe(torch.from_numpy(shard(arrays[f"xs/{i}"])).to(tdtype), return_aux=True)

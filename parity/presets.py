@@ -63,6 +63,10 @@ Sources (``config.json`` of the named Hugging Face repositories):
 - Ernie 4.5 MoE (baidu/ERNIE-4.5-21B-A3B-PT): hidden_size 2560, moe_intermediate_size 1536,
   moe_num_experts 64, moe_k 6, moe_num_shared_experts 2, softmax + e_score_correction_bias for
   selection, moe_norm_min 1e-12 (``parity.hf.ernie4_5_moe``).
+- GPT-OSS (openai/gpt-oss-20b): hidden_size 2880, intermediate_size 2880, num_local_experts 32
+  (gpt-oss-120b: 128), num_experts_per_tok 4, swiglu_limit 7.0 (swiglu_alpha 1.702, transformers'
+  default); a router bias, expert biases, clamped SwiGLU, top-k of the logits then softmax over the
+  k (``parity.hf.gpt_oss``).
 """
 
 from __future__ import annotations
@@ -245,6 +249,98 @@ PRESETS: dict[str, Preset] = {
             "baidu/ERNIE-4.5-21B-A3B-PT",
             "dim 2560 -> 64, moe hidden 1536 -> 38 (ratio 0.6 kept); 64 experts top-6, 2 shared kept",
             "softmax + expert bias for selection; renormalised by clamp(sum, min=1e-12)",
+        ),
+        Preset(
+            "gemma4-26b-a4b",
+            MoEConfig(dim=64, hidden_dim=16, num_experts=64, top_k=8, score_func="softmax", route_norm=True,
+                      route_norm_eps=0.0, router_input_norm=True, per_expert_scale=True, expert_input_norm=True,
+                      input_norm_eps=1e-6, expert_activation="gelu_tanh", score_before_experts=False),
+            "google/gemma-4-26B-A4B",
+            "dim 2816 -> 64, moe hidden 704 -> 16 (ratio 1/4 kept), 128 -> 64 experts; top-8 kept",
+            "router input rms_norm(x) * router.scale * dim**-0.5; softmax, top-8, bare-sum renormalisation, times "
+            "router.per_expert_scale; GeGLU (tanh) experts on rms_norm(x) * expert_input_norm.weight; the dense "
+            "MLP beside the MoE block is outside the layer",
+        ),
+        Preset(
+            "dbrx",
+            MoEConfig(dim=64, hidden_dim=112, num_experts=16, top_k=4, score_func="softmax", route_norm=True,
+                      route_norm_p=1.0, route_norm_eps=0.0, score_before_experts=False,
+                      load_balance_loss="switch", load_balance_coeff=0.05),
+            "databricks/dbrx-base",
+            "dim 6144 -> 64, hidden 10752 -> 112 (ratio 1.75 kept); 16 experts top-4 kept",
+            "softmax, top-4, divided by the p-norm of the 4 weights (moe_normalize_expert_weights 1: the sum), "
+            "no epsilon; moe_loss_weight 0.05",
+        ),
+        Preset(
+            "jetmoe-8b",
+            MoEConfig(dim=64, hidden_dim=176, num_experts=8, top_k=2, score_func="softmax", route_norm=True,
+                      expert_proj_bias=True, score_before_experts=False,
+                      load_balance_loss="switch", load_balance_coeff=0.01),
+            "jetmoe/jetmoe-8b",
+            "dim 2048 -> 64, hidden 5632 -> 176 (ratio 2.75 kept); 8 experts top-2 kept",
+            "top-2 of the logits then softmax over the 2 (= softmax, top-2, renormalise); the layer's output "
+            "bias as experts.b2 (the same row for every expert); its attention experts (MoA) are not an MoE "
+            "MLP layer",
+        ),
+        Preset(
+            "gpt-oss",
+            MoEConfig(dim=64, hidden_dim=64, num_experts=32, top_k=4, score_func="softmax", route_norm=True,
+                      router_bias=True, expert_proj_bias=True, expert_activation="clamped_swiglu",
+                      swiglu_alpha=1.702, swiglu_limit=7.0, score_before_experts=False),
+            "openai/gpt-oss-20b",
+            "dim 2880 -> 64, hidden 2880 -> 64 (ratio 1 kept); 32 experts top-4 kept (gpt-oss-120b: 128)",
+            "router Linear with a bias; top-4 of the logits then softmax over the 4 (= softmax, top-4, "
+            "renormalise); expert biases; clamped SwiGLU (alpha 1.702, limit 7); gate/up interleaved in the "
+            "checkpoint",
+        ),
+        # capacity and token dropping (DESIGN.md step 6a): the combinations of four public codebases
+        Preset(
+            "megatron-capacity",
+            MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, score_func="softmax", route_norm=True,
+                      score_before_experts=False, load_balance_loss="switch", load_balance_coeff=0.01,
+                      capacity_factor=1.0, capacity_group="batch", capacity_rounding="megatron",
+                      capacity_policy="probs", capacity_stats="kept"),
+            "Megatron-Core (NVIDIA/Megatron-LM, megatron/core/transformer/moe): moe_expert_capacity_factor 1.0, "
+            "moe_token_drop_policy 'probs', moe_pad_expert_input_to_capacity False",
+            "dim 64, hidden 128, 8 experts top-2 (a Mixtral-like router: top-k of the logits, softmax over the k)",
+            "C = ceil(T*k/E*cf) over one rank's micro-batch (group 'batch'); each expert keeps its C largest "
+            "weights (ties: token, then slot); counts and aux loss from the routing after dropping",
+        ),
+        Preset(
+            "maxtext-capacity",
+            MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, score_func="softmax", route_norm=True,
+                      score_before_experts=False, load_balance_loss="switch", load_balance_coeff=0.01,
+                      capacity_factor=1.25, capacity_group="sequence", capacity_rounding="maxtext",
+                      capacity_policy="position", capacity_pad=True, capacity_stats="selected"),
+            "MaxText (AI-Hypercomputer/maxtext, layers/moe.py, dense_matmul path) with capacity_factor 1.25",
+            "dim 64, hidden 128, 8 experts top-2 (a Mixtral-like router, as MaxText's Mixtral configs)",
+            "C = int(max(ceil(S*k/E)*cf, cf)) per sequence; first come, first served over (token, slot); "
+            "[E, C] buffers; the aux loss sees the routing before dropping; survivors not renormalised",
+        ),
+        Preset(
+            "gshard",
+            MoEConfig(dim=64, hidden_dim=128, num_experts=8, top_k=2, score_func="softmax", route_norm=True,
+                      score_before_experts=False, load_balance_loss="switch", load_balance_coeff=0.01,
+                      capacity_factor=1.0, capacity_group="batch", capacity_rounding="gshard", capacity_min=4,
+                      capacity_policy="slot_major", capacity_pad=True, capacity_renorm=True,
+                      capacity_stats="selected"),
+            "GShard top-2 gating (Lepikhin et al. 2020, arXiv:2006.16668, Algorithm 1)",
+            "dim 64, hidden 128, 8 experts top-2; min_capacity 4 (Tutel / DeepSpeed's default)",
+            "C = max(ceil(T/E*2*cf), 4); every first choice before any second choice; the survivors' "
+            "weights renormalised; the paper's random second-expert dispatch is not modelled, and its "
+            "aux loss counts first choices only where this one counts both slots",
+        ),
+        Preset(
+            "switch",
+            MoEConfig(dim=64, hidden_dim=256, num_experts=8, top_k=1, score_func="softmax",
+                      score_before_experts=False, load_balance_loss="switch", load_balance_coeff=0.001,
+                      router_z_loss_coeff=0.001, expert_capacity=2, capacity_group="sequence",
+                      capacity_policy="position", capacity_stats="kept"),
+            "google/switch-base-8 (transformers SwitchTransformers)",
+            "dim 768 -> 64, d_ff 3072 -> 256 (ratio 4 kept), 8 experts top-1; expert_capacity 64 (for "
+            "512-token sequences) -> 2",
+            "a fixed capacity per sequence, first come, first served; the aux loss sees the kept routing; "
+            "transformers passes a dropped token's input through times its probability, here it gets zero",
         ),
     )
 }

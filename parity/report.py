@@ -14,7 +14,8 @@
 - ``backends``: list of ``{name, status: "ran" | "skipped", reason}``.
 - ``checks``: list, worst first, of ``{id, kind, tensor, backend, against, dtype, status, numel,
   max_abs, max_rel, max_ulp, mean_ulp, ulp_at_scale, cosine, tol_ratio, worst_index, atol, rtol, masked_tokens,
-  nonfinite, note, traceback}``. ``kind``: "forward" | "grad" | "bias" | "routing" | "backend" | "error";
+  nonfinite, note, traceback}``. ``kind``: "forward" | "grad" | "bias" | "routing" | "backend" | "error" |
+  "capability" (SKIP: a column that cannot give gradients, aux tensors or bias steps; docs/columns.md);
   ``status``: "PASS" | "FAIL" | "WARN" | "SKIP"; ``against``: "reference" (float64 NumPy),
   "<backend>@float64" (that backend's own float64 run) or another backend; ``id`` is
   ``kind/tensor/backend~against`` and identifies a row across runs (``moe-parity compare``);

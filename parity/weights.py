@@ -62,6 +62,12 @@ def check_finite(mapping: Mapping[str, object], what: str = "weights") -> None:
                            f"(allow_nonfinite=True) to compare NaN/Inf positions as masks")
 
 
+#: canonical vectors that scale (Gemma 4's router and expert-input norms), initialised around 1
+SCALE_VECTORS = ("router.scale", "router.per_expert_scale", "expert_input_norm.weight")
+#: canonical additive biases (GPT-OSS's router and expert projections)
+BIASES = ("router.gate.bias", "experts.b1", "experts.b2", "experts.b3")
+
+
 def canonical_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every canonical tensor for ``cfg``."""
     e, d, h = cfg.num_experts, cfg.dim, cfg.hidden_dim
@@ -82,6 +88,16 @@ def canonical_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
         })
     if cfg.shared_expert_gate:
         shapes["shared_expert_gate.weight"] = (1, d)
+    if cfg.router_bias:  # GPT-OSS's router Linear bias (step 1)
+        shapes["router.gate.bias"] = (e,)
+    if cfg.expert_proj_bias:  # GPT-OSS's expert projection biases (step 7)
+        shapes.update({"experts.b1": (e, h), "experts.b2": (e, d), "experts.b3": (e, h)})
+    if cfg.router_input_norm:  # Gemma 4's router input scale
+        shapes["router.scale"] = (d,)
+    if cfg.per_expert_scale:  # Gemma 4's per-expert routing-weight scale
+        shapes["router.per_expert_scale"] = (e,)
+    if cfg.expert_input_norm:  # Gemma 4's pre_feedforward_layernorm_2 weight
+        shapes["expert_input_norm.weight"] = (d,)
     return shapes
 
 
@@ -121,6 +137,10 @@ def init_weights(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> dict[str, n
         elif name == "expert_bias":
             bias = rng.normal(0.0, 0.02, shape) if cfg.use_expert_bias else np.zeros(shape)
             out[name] = bias.astype(np.float32)
+        elif name in BIASES:  # additive biases: N(0, 0.1^2), large enough to move routing and outputs
+            out[name] = (0.1 * rng.standard_normal(shape)).astype(dtype)
+        elif name in SCALE_VECTORS:  # multiplicative scales (Gemma 4 initialises them to 1): 1 + N(0, 0.25^2)
+            out[name] = (1.0 + 0.25 * rng.standard_normal(shape)).astype(dtype)
         else:
             out[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(dtype)
     return out

@@ -70,8 +70,8 @@ def _pairing_differences(ipynb: Path, py: Path) -> list[str]:
     return diffs
 
 
-def test_there_are_three_notebooks_each_with_its_source():
-    assert NOTEBOOKS == ["01_routing.ipynb", "02_load_balancing.ipynb", "03_parity.ipynb"]
+def test_there_are_four_notebooks_each_with_its_source():
+    assert NOTEBOOKS == ["01_routing.ipynb", "02_load_balancing.ipynb", "03_parity.ipynb", "04_training.ipynb"]
     sources = sorted(p.name for p in NOTEBOOK_DIR.glob("*.py"))
     assert sources == [name.removesuffix(".ipynb") + ".py" for name in NOTEBOOKS]
 

@@ -9,7 +9,9 @@ runner's cast to ``dtype`` is exact):
 
 - ``cfg``: the ``MoEConfig``; ``weights``: the canonical mapping (DESIGN.md), ``expert_bias`` and
   ``tokens_per_expert`` included (float32 values); ``x``: ``[B, S, D]``; ``dtype``: one of
-  ``parity.metrics.DTYPES``; ``selected_experts``: ``None`` or ``[N, k]`` int64 (replaces top-k).
+  ``parity.metrics.DTYPES``; ``selected_experts``: ``None`` or ``[N, k]`` int64 (replaces top-k); ``kept_slots`` (only passed
+  when the config has a capacity and the run locks the drop decision): ``[N, k]`` bool (replaces
+  step 6a's choice).
 
 Outputs are ``Tensors``: a dict name -> float64 (or int64) array with ``.dtypes`` name -> the dtype the
 framework computed it in ("bfloat16", "float32", ...), which is the dtype its ULPs are counted in.
@@ -46,10 +48,15 @@ class Runner:
 
     capabilities: "forward" (out + aux), "aux" (aux tensors beyond ``out``), "lock" (accepts
     ``selected_experts``), "grad" (gradients), "bias" (training steps + ``update_expert_bias``).
+    A runner without "lock" is never given ``selected_experts`` (its gradient runs route freely).
     """
 
     name: str = "?"
     capabilities: frozenset[str] = frozenset()
+    #: capability -> why this column lacks it (one line). The harness shows each one the run asks for
+    #: ("aux"; "grad" with grads on; "bias" with steps > 0; "lock" with lock_routing) as a SKIP row
+    #: ``capability/<cap>/<name>``, never a PASS. User columns (docs/columns.md) fill it in.
+    skip_reasons: Mapping[str, str] = {}
 
     def __init__(self, *, weights_hook: Callable | None = None, config_hook: Callable | None = None):
         self.weights_hook = weights_hook
@@ -76,6 +83,12 @@ class Runner:
 
     def unavailable(self) -> str | None:
         """``None`` when this runner can run here, else the reason it is skipped (one line)."""
+        return None
+
+    def unsupported(self, cfg: MoEConfig) -> str | None:
+        """``None`` when this column can express ``cfg``, else why not (one line; the column is then
+        SKIPPED). Called once at the start of a run; a column may narrow ``capabilities`` /
+        ``skip_reasons`` for ``cfg`` here. Default: every config."""
         return None
 
     def forward(self, cfg: MoEConfig, weights: Mapping[str, np.ndarray], x: np.ndarray, dtype: str,

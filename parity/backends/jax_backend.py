@@ -25,14 +25,19 @@ def _dtype_name(a) -> str:
 
 
 class JaxRunner(Runner):
-    """One JAX platform. ``platform``: "cpu" | "gpu" | "tpu"."""
+    """One JAX platform. ``platform``: "cpu" | "gpu" | "tpu".
+
+    ``jit=False`` (column "jax:<platform>+eager", ``moe-parity run --compile``): the same steps run op
+    by op instead of under ``nnx.jit``, so the report shows what jit changed.
+    """
 
     capabilities = frozenset({"forward", "aux", "lock", "grad", "bias"})
 
-    def __init__(self, platform: str = "cpu", **hooks):
+    def __init__(self, platform: str = "cpu", *, jit: bool = True, **hooks):
         super().__init__(**hooks)
         self.platform = platform
-        self.name = f"jax:{platform}"
+        self.jit = jit
+        self.name = f"jax:{platform}" + ("" if jit else "+eager")
 
     def unavailable(self) -> str | None:
         for mod in ("jax", "flax", "moe_jax"):
@@ -108,26 +113,27 @@ class JaxRunner(Runner):
                              f"indices in [0, num_experts={cfg.num_experts})")
         return jax.device_put(idx.astype(np.int32))
 
-    def forward(self, cfg, weights, x, dtype, selected_experts=None) -> Tensors:
+    def forward(self, cfg, weights, x, dtype, selected_experts=None, kept_slots=None) -> Tensors:
         with self._scope(dtype):
             moe = self._build(cfg, weights, dtype)
             moe.eval()
-            out, aux = _jitted()["forward"](moe, self._x(x, dtype), self._selected(selected_experts, cfg))
+            out, aux = _jitted(self.jit)["forward"](moe, self._x(x, dtype), self._selected(selected_experts, cfg),
+                                            _kept(kept_slots))
             t = Tensors()
             t.put("out", self._np(out), _dtype_name(out))
             for key, value in aux.items():
                 t.put(key, self._np(value), _dtype_name(value))
         return t
 
-    def grad(self, cfg, weights, x, dtype, cotangent, selected_experts=None) -> Tensors:
+    def grad(self, cfg, weights, x, dtype, cotangent, selected_experts=None, kept_slots=None) -> Tensors:
         import moe_jax
 
         with self._scope(dtype):
             moe = self._build(cfg, weights, dtype)
             moe.eval()
             acc = "float64" if dtype == "float64" else "float32"
-            g_params, g_x = _jitted()["grad"](moe, self._x(x, dtype), self._x(cotangent, acc),
-                                              self._selected(selected_experts, cfg))
+            g_params, g_x = _jitted(self.jit)["grad"](moe, self._x(x, dtype), self._x(cotangent, acc),
+                                              self._selected(selected_experts, cfg), _kept(kept_slots))
             t = Tensors()
             t.put(GRAD_INPUT, self._np(g_x), _dtype_name(g_x))
             for name, g in moe_jax.state_dict(g_params).items():
@@ -143,7 +149,7 @@ class JaxRunner(Runner):
         with self._scope(dtype):
             moe = self._build(cfg, weights, dtype)
             moe.train()
-            step, update = _jitted()["bias_step"], _jitted()["bias_update"]
+            step, update = _jitted(self.jit)["bias_step"], _jitted(self.jit)["bias_update"]
             lr32 = jax.device_put(np.float32(lr))
             for x in xs:
                 counts, selected = step(moe, self._x(x, dtype))
@@ -203,10 +209,20 @@ def enable_compile_cache(directory: str) -> None:
             jax.config.update(key, value)
 
 
+def _kept(kept_slots):
+    """A locked drop decision of step (6a) as a bool device array, or None."""
+    if kept_slots is None:
+        return None
+    import jax
+
+    return jax.device_put(np.asarray(kept_slots, bool))
+
+
 _JITTED: dict = {}
+_EAGER: dict = {}  # the same four functions, not jitted (the "jax:<platform>+eager" column)
 
 
-def _jitted() -> dict:
+def _jitted(jit: bool = True) -> dict:
     """The three compiled steps, built once per process (``nnx.jit``; jax is imported on first use).
 
     Each is traced once per (module structure, shapes, dtype, locked or free routing): a default run
@@ -220,19 +236,21 @@ def _jitted() -> dict:
     counts a training-mode forward leaves in ``moe.tokens_per_expert``, its ``selected_experts``),
     updating ``moe`` in place; ``bias_update(moe, lr)`` -> ``expert_bias`` after ``update_expert_bias``
     (a program of its own: it holds a host callback, which the persistent cache never keeps).
+    ``jit=False``: the same functions run op by op (eager JAX), for ``JaxRunner(jit=False)``.
     """
     if _JITTED:
-        return _JITTED
+        return _JITTED if jit else _EAGER
     from flax import nnx
 
     from moe_jax.balancing import update_expert_bias
 
-    def forward(moe, x, selected):
-        return moe(x, return_aux=True, selected_experts=selected)
+    def forward(moe, x, selected, kept=None):
+        return moe(x, return_aux=True, selected_experts=selected, **({} if kept is None else {"kept_slots": kept}))
 
-    def grad(moe, x, cot, selected):
+    def grad(moe, x, cot, selected, kept=None):
         def objective(module, xt):
-            out, aux = module(xt, return_aux=True, selected_experts=selected)
+            out, aux = module(xt, return_aux=True, selected_experts=selected,
+                              **({} if kept is None else {"kept_slots": kept}))
             loss = (out.astype(cot.dtype) * cot).sum()
             for key in ("load_balance_loss", "router_z_loss"):
                 if key in aux:
@@ -249,6 +267,6 @@ def _jitted() -> dict:
         update_expert_bias(moe, lr)
         return moe.expert_bias[...]
 
-    _JITTED.update(forward=nnx.jit(forward), grad=nnx.jit(grad), bias_step=nnx.jit(bias_step),
-                   bias_update=nnx.jit(bias_update))
-    return _JITTED
+    _EAGER.update(forward=forward, grad=grad, bias_step=bias_step, bias_update=bias_update)
+    _JITTED.update({name: nnx.jit(fn) for name, fn in _EAGER.items()})
+    return _JITTED if jit else _EAGER

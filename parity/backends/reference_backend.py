@@ -54,34 +54,36 @@ def selection_margins(cfg: MoEConfig, scores: np.ndarray, expert_bias: np.ndarra
 
 
 def reference_forward(weights: Mapping[str, np.ndarray], x: np.ndarray, cfg: MoEConfig,
-                      selected_experts: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """The float64 layer. x [B,S,D] -> (out [B,S,D], aux); ``selected_experts`` [N,k] replaces step (4)."""
+                      selected_experts: np.ndarray | None = None,
+                      kept_slots: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """The float64 layer. x [B,S,D] -> (out [B,S,D], aux); ``selected_experts`` [N,k] replaces step (4),
+    ``kept_slots`` [N,k] bool the drop decision of step (6a) (with a capacity)."""
     if selected_experts is None:
-        return ref.moe_forward(weights, x, cfg)
+        return ref.moe_forward(weights, x, cfg, kept_slots)
     x = np.asarray(x, np.float64)
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)
     idx = np.asarray(selected_experts, np.int64)
     if idx.shape != (b * s, cfg.top_k):
         raise ValueError(f"selected_experts has shape {idx.shape}; expected [N={b * s}, top_k={cfg.top_k}]")
-    # (1) router logits and scores
-    logits = tokens @ np.asarray(weights["router.gate.weight"], np.float64).T
-    scores = ref.softmax(logits) if cfg.score_func == "softmax" else ref.sigmoid(logits)
-    # (4) given, (5) unbiased routing weights
-    w = np.take_along_axis(scores, idx, axis=-1)
-    if cfg.route_norm:
-        w = w / (w.sum(-1, keepdims=True) + ref.ROUTE_NORM_EPS)
-    w = w * cfg.route_scale
-    aux = {"router_logits": logits, "scores": scores, "selected_experts": idx, "routing_weights": w,
-           "tokens_per_expert": np.bincount(idx.reshape(-1), minlength=cfg.num_experts).astype(np.float64)}
+    # (1) router logits and scores, (4) given, (5) the routing weights: the reference's own step functions
+    # (every step-1 and step-5 option: route_norm_eps / mode / p, Gemma 4's scales, the router bias)
+    aux = ref.route(tokens, weights["router.gate.weight"], cfg, weights.get("expert_bias"),
+                    **ref.router_tensors(weights), selected_experts=idx)
+    logits, scores = aux["router_logits"], aux["scores"]
+    # (6a) capacity: dropped slots go to no expert (index -1) and weigh 0
+    loss_kept = ref.apply_capacity(aux, cfg, b, kept_slots)
+    w = aux["routing_weights"]
+    expert_idx = idx if "kept_slots" not in aux else np.where(aux["kept_slots"], idx, -1)
     # (6)-(8) experts and combine
-    out = ref.experts_forward(tokens, idx, w, weights, cfg.score_before_experts)
+    out = ref.experts_forward(ref.expert_tokens(tokens, weights, cfg), expert_idx, w, weights,
+                              cfg.score_before_experts, cfg)
     # (9) shared experts
     if cfg.num_shared_experts:
         out = out + ref.shared_experts(tokens, weights, cfg)
     if cfg.load_balance_loss is not None:
         aux["load_balance_loss"] = ref.load_balance_loss(scores, idx, cfg.num_experts, cfg.load_balance_coeff,
-                                                         cfg.load_balance_loss, batch=b)
+                                                         cfg.load_balance_loss, batch=b, kept=loss_kept)
     if cfg.router_z_loss_coeff > 0:
         aux["router_z_loss"] = ref.router_z_loss(logits, cfg.router_z_loss_coeff)
     return out.reshape(b, s, d), aux
@@ -103,9 +105,9 @@ class ReferenceRunner(Runner):
         super().__init__(**hooks)
         self.name = name
 
-    def forward(self, cfg, weights, x, dtype, selected_experts=None) -> Tensors:
+    def forward(self, cfg, weights, x, dtype, selected_experts=None, kept_slots=None) -> Tensors:
         cfg, weights = self.prepare(cfg, weights)
-        out, aux = reference_forward(weights, x, cfg, selected_experts)
+        out, aux = reference_forward(weights, x, cfg, selected_experts, kept_slots)
         t = Tensors()
         t.put("out", round_to(out, dtype), dtype)
         aux_dtype = "float64" if dtype == "float64" else "float32"

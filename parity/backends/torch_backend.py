@@ -23,14 +23,40 @@ def _dtype_name(t) -> str:
 
 
 class TorchRunner(Runner):
-    """One torch device. ``device``: "cpu" | "cuda" | "npu"."""
+    """One torch device. ``device``: "cpu" | "cuda" | "npu".
+
+    ``compile=True`` (column "torch:<device>+compile", ``moe-parity run --compile``): every call runs
+    the layer under ``torch.compile`` (default inductor backend; ``fullgraph=True`` for free routing,
+    ``fullgraph=False`` when ``selected_experts`` is given: the router's range check of a locked
+    routing reads values on the host). ``compile_backend`` names another dynamo backend (tests:
+    "aot_eager"). Dynamo fails rather than falling back to eager when its recompile limit is hit.
+    """
 
     capabilities = frozenset({"forward", "aux", "lock", "grad", "bias"})
 
-    def __init__(self, device: str = "cpu", **hooks):
+    def __init__(self, device: str = "cpu", *, compile: bool = False, compile_backend: str = "inductor", **hooks):
         super().__init__(**hooks)
         self.device = device
-        self.name = f"torch:{device}"
+        self.compile, self.compile_backend = compile, compile_backend
+        self.name = f"torch:{device}" + ("+compile" if compile else "")
+
+    def _layer(self, moe, locked: bool):
+        """``moe`` itself, or compiled (``compile=True``); see the class docstring."""
+        if not self.compile:
+            return moe
+        import torch
+
+        return torch.compile(moe, backend=self.compile_backend, fullgraph=not locked)
+
+    def _compiling(self):
+        """A context making dynamo raise instead of running eagerly when a recompile limit is hit."""
+        import contextlib
+
+        if not self.compile:
+            return contextlib.nullcontext()
+        import torch._dynamo
+
+        return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
     def unavailable(self) -> str | None:
         for mod in ("torch", "moe_torch"):
@@ -90,13 +116,15 @@ class TorchRunner(Runner):
         t = t.detach().cpu()
         return t.numpy() if not t.is_floating_point() else t.double().numpy()
 
-    def forward(self, cfg, weights, x, dtype, selected_experts=None) -> Tensors:
+    def forward(self, cfg, weights, x, dtype, selected_experts=None, kept_slots=None) -> Tensors:
         import torch
 
         moe = self._build(cfg, weights, dtype).eval()
         kwargs = {} if selected_experts is None else {"selected_experts": self._idx(selected_experts)}
-        with torch.no_grad():
-            out, aux = moe(self._x(x, dtype), return_aux=True, **kwargs)
+        if kept_slots is not None:  # (6a) a locked drop decision
+            kwargs["kept_slots"] = torch.from_numpy(np.asarray(kept_slots, bool)).to(self.device)
+        with torch.no_grad(), self._compiling():
+            out, aux = self._layer(moe, bool(kwargs))(self._x(x, dtype), return_aux=True, **kwargs)
         t = Tensors()
         t.put("out", self._np(out), _dtype_name(out))
         for key, value in aux.items():
@@ -104,21 +132,24 @@ class TorchRunner(Runner):
             t.put(key, arr.astype(np.int64) if key == "selected_experts" else arr, _dtype_name(value))
         return t
 
-    def grad(self, cfg, weights, x, dtype, cotangent, selected_experts=None) -> Tensors:
+    def grad(self, cfg, weights, x, dtype, cotangent, selected_experts=None, kept_slots=None) -> Tensors:
         import torch
 
         moe = self._build(cfg, weights, dtype, kernel="loop" if dtype == "float64" else None).eval()
         xt = self._x(x, dtype, requires_grad=True)
         kwargs = {} if selected_experts is None else {"selected_experts": self._idx(selected_experts)}
-        out, aux = moe(xt, return_aux=True, **kwargs)
-        acc = torch.float64 if dtype == "float64" else torch.float32
-        cot = torch.from_numpy(np.asarray(cotangent, np.float64)).to(device=self.device, dtype=acc)
-        loss = (out.to(acc) * cot).sum()
-        for key in ("load_balance_loss", "router_z_loss"):
-            if key in aux:
-                loss = loss + aux[key].to(acc)
-        params = dict(moe.named_parameters())
-        grads = torch.autograd.grad(loss, [xt, *params.values()], allow_unused=True)
+        if kept_slots is not None:  # (6a) a locked drop decision
+            kwargs["kept_slots"] = torch.from_numpy(np.asarray(kept_slots, bool)).to(self.device)
+        with self._compiling():
+            out, aux = self._layer(moe, bool(kwargs))(xt, return_aux=True, **kwargs)
+            acc = torch.float64 if dtype == "float64" else torch.float32
+            cot = torch.from_numpy(np.asarray(cotangent, np.float64)).to(device=self.device, dtype=acc)
+            loss = (out.to(acc) * cot).sum()
+            for key in ("load_balance_loss", "router_z_loss"):
+                if key in aux:
+                    loss = loss + aux[key].to(acc)
+            params = dict(moe.named_parameters())
+            grads = torch.autograd.grad(loss, [xt, *params.values()], allow_unused=True)
         t = Tensors()
         for name, g, p in zip([GRAD_INPUT, *params], grads, [xt, *params.values()], strict=True):
             g = torch.zeros_like(p) if g is None else g
@@ -132,9 +163,10 @@ class TorchRunner(Runner):
 
         moe = self._build(cfg, weights, dtype).train()
         steps = []
+        layer = self._layer(moe, False)
         for x in xs:
-            with torch.no_grad():
-                _, aux = moe(self._x(x, dtype), return_aux=True)
+            with torch.no_grad(), self._compiling():
+                _, aux = layer(self._x(x, dtype), return_aux=True)
             t = Tensors()
             t.put("tokens_per_expert", self._np(moe.tokens_per_expert), _dtype_name(moe.tokens_per_expert))
             t.put("selected_experts", self._np(aux["selected_experts"]).astype(np.int64), "int64")

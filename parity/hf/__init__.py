@@ -3,7 +3,9 @@
 Supported families (``config.json`` ``model_type``): one module per family in this package
 (``mixtral``, ``qwen3_moe``, ``deepseek_v3``, ``olmoe``, ...; ``SUPPORTED_MODEL_TYPES``). A checkpoint
 is a directory holding ``config.json`` and ``*.safetensors`` (one file, or shards listed by
-``model.safetensors.index.json``). Two expert layouts are read:
+``model.safetensors.index.json``). Two expert layouts are read (and the family layouts their modules
+describe: Granite's and JetMoE's ``input_linear``, DBRX's flat ``experts.mlp.w1|v1|w2``, Gemma 4's
+router and experts on the decoder layer, ``Family.layer_prefix``):
 
 * per-expert tensors, as checkpoints on the hub store them (and as transformers 5 ``save_pretrained``
   writes them by default, ``save_original_format=True``): Mixtral
@@ -14,7 +16,7 @@ is a directory holding ``config.json`` and ``*.safetensors`` (one file, or shard
   ``model.layers.{L}.mlp.experts.down_proj [E, D, I]``.
 
 Block-quantised FP8 weights (DeepSeek-V3's release: ``float8_e4m3fn`` plus ``weight_scale_inv`` per
-128x128 block) are dequantised to float32. Only the tensors of the requested layer are read, through
+128x128 block) are dequantised to float32, and so are GPT-OSS's MXFP4 experts (``parity.hf.gpt_oss``). Only the tensors of the requested layer are read, through
 ``safetensors.safe_open`` (never pickle); dtypes NumPy lacks (BF16, F8_E4M3) are decoded from their
 raw bytes, so reading needs neither torch nor transformers.
 
@@ -47,7 +49,7 @@ from parity.hf.registry import Family, HFImportError, get_family, register, supp
 # the family modules, in the order error messages list them (each one registers its Family)
 FAMILY_MODULES = ("mixtral", "qwen3_moe", "deepseek_v3", "olmoe", "glm4_moe", "dots1", "kimi_k2", "deepseek_v2",
                   "qwen2_moe", "qwen3_next", "granitemoe",
-                  "llama4", "minimax_m2", "ernie4_5_moe")
+                  "llama4", "minimax_m2", "ernie4_5_moe", "gemma4", "dbrx", "jetmoe", "gpt_oss")
 for _name in FAMILY_MODULES:
     importlib.import_module(f"parity.hf.{_name}")
 

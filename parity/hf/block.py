@@ -57,9 +57,11 @@ def hf_block(path: str | os.PathLike, layer: int, dtype: Any = "float32"):
         fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "architectures")}
         hf_config = getattr(importlib.import_module(cfg_module), cfg_class)(**fields)
     hf_config._experts_implementation = "eager"
-    module_name, class_name = family.block
-    block_cls = getattr(importlib.import_module(module_name), class_name)
-    block = block_cls(hf_config)
+    if family.build_block is not None:  # Gemma 4: transformers' router and experts, composed as its decoder layer does
+        block = family.build_block(hf_config)
+    else:
+        module_name, class_name = family.block
+        block = getattr(importlib.import_module(module_name), class_name)(hf_config)
 
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
     gate_up, down = torch.cat([t["experts.w1"], t["experts.w3"]], dim=1), t["experts.w2"]
@@ -70,6 +72,8 @@ def hf_block(path: str | os.PathLike, layer: int, dtype: Any = "float32"):
         "experts.gate_up_proj": gate_up,
         "experts.down_proj": down,
     }
+    if family.block_state is not None:  # DBRX, Gemma 4: the block's own names and layouts
+        state = family.block_state(t, cfg)
     if cfg.use_expert_bias:
         state[family.bias_key] = t["expert_bias"].reshape(block.state_dict()[family.bias_key].shape)  # Ernie: [1, E]
     if cfg.num_shared_experts:
@@ -83,6 +87,9 @@ def hf_block(path: str | os.PathLike, layer: int, dtype: Any = "float32"):
         # the router weight and bias stay float32 where transformers keeps them (_keep_in_fp32_modules_strict)
         if not (family.fp32_router and name == family.router_name):
             child.to(torch_dtype)
+    with torch.no_grad():  # parameters of the block itself (JetMoE's output bias), as from_pretrained casts them
+        for param in block.parameters(recurse=False):
+            param.data = param.data.to(torch_dtype)
     block.eval()
     block.requires_grad_(False)
     return block
@@ -97,8 +104,13 @@ def hf_forward(block, x: np.ndarray) -> np.ndarray:
     """
     import torch
 
-    dtype = block.experts.down_proj.dtype
-    dim = getattr(block.experts, "hidden_size", None) or block.experts.down_proj.shape[1]
+    experts = getattr(block, "experts", None)
+    if experts is None:  # JetMoE's block holds its expert weights itself
+        dtype, dim = block.output_linear.weight.dtype, block.input_size
+    else:
+        dtype = next(experts.parameters()).dtype
+        dim = (getattr(experts, "hidden_size", None) or getattr(experts, "hidden_dim", None)
+               or experts.down_proj.shape[1])
     x = np.asarray(x)
     if x.ndim != 3 or x.shape[-1] != dim:
         raise ValueError(f"x has shape {x.shape}; expected [batch, seq_len, dim={dim}]")

@@ -88,7 +88,8 @@ class Checkpoint:
         return tuple(self._header(self._file(key))[key]["shape"])
 
     def read(self, key: str) -> np.ndarray:
-        """Tensor ``key`` as float32 (BF16 / F8_E4M3 decoded from raw bytes)."""
+        """Tensor ``key`` as float32 (BF16 / F8_E4M3 decoded from raw bytes); U8 as uint8 (packed
+        codes that a family decodes: ``Family.unpack``)."""
         file = self._file(key)
         info = self._header(file)[key]
         dtype, shape = info["dtype"], tuple(info["shape"])
@@ -103,6 +104,8 @@ class Checkpoint:
             return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
         if dtype == "F8_E4M3":
             return _fp8_e4m3fn_table()[raw].reshape(shape)
+        if dtype == "U8":  # packed codes (GPT-OSS's MXFP4 blocks and scales), decoded by the family
+            return raw.reshape(shape)
         raise HFImportError(f"tensor {key!r} in {str(file)!r} has dtype {dtype}, which cannot be imported "
                             f"(supported: F64, F32, F16, BF16, F8_E4M3)")
 

@@ -11,8 +11,8 @@ rows first: transformers chunks it into gate, up), ``output_linear.weight [E, D,
 ``gate.weight`` (transformers' own renaming); the block's router is ``router``. The decoder's
 ``residual_multiplier`` scales the block's output outside the MoE layer.
 
-JetMoE (``jetmoe``) routes alike but is not imported: its MoE block adds an output bias and its
-attention is a mixture of attention heads (``JetMoeMoA``), neither of which is an MoE-layer option.
+JetMoE (``jetmoe``) routes alike; its MoE MLP is imported by ``parity.hf.jetmoe`` (its output bias
+as ``experts.b2``; its mixture-of-attention is not an MoE MLP layer and is not read).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import numpy as np
 
 from parity.config import MoEConfig
 from parity.hf.checkpoint import Checkpoint, dequantize
-from parity.hf.registry import HFImportError, get, get_family
+from parity.hf.registry import HFImportError, get, get_family, view
 
 # per-expert projection names -> canonical expert weight (w1 = gate, w3 = up, w2 = down)
 _PROJ_TO_CANONICAL = {"w1": "w1", "w2": "w2", "w3": "w3",
@@ -46,14 +46,14 @@ def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def num_hidden_layers(config: Mapping[str, Any]) -> int:
-    return int(get(config, "num_hidden_layers"))
+    return int(get(view(config), "num_hidden_layers"))
 
 
 def is_moe_layer(config: Mapping[str, Any], layer: int) -> bool:
     """Whether decoder layer ``layer`` holds an MoE block, by the rule of the family's modeling code
     (each family module's ``is_moe_layer``; e.g. DeepSeek-V3: ``layer >= first_k_dense_replace``).
     Raises ``HFImportError`` for an unsupported ``model_type``."""
-    return get_family(config.get("model_type")).is_moe_layer(config, layer)
+    return get_family(config.get("model_type")).is_moe_layer(view(config), layer)
 
 
 def moe_layer_indices(config: Mapping[str, Any]) -> list[int]:
@@ -98,6 +98,7 @@ def moe_config_from_hf(config: Mapping[str, Any]) -> MoEConfig:
     """
     model_type = config.get("model_type")
     family = get_family(model_type)
+    config = view(config)
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise HFImportError(f"hidden_act={act!r}: only SwiGLU experts (hidden_act='silu') are supported")
@@ -113,9 +114,10 @@ def moe_config_from_hf(config: Mapping[str, Any]) -> MoEConfig:
 # one layer -> canonical weights
 
 
-def _layer_tensors(ckpt: Checkpoint, layer: int) -> tuple[str, dict[str, str]]:
-    """(module prefix, {name relative to the MoE module: full key}) for decoder layer ``layer``."""
-    pattern = re.compile(rf"^(.*?\blayers\.{layer}\.(?:block_sparse_moe|mlp|feed_forward)\.)(.+)$")
+def _layer_tensors(ckpt: Checkpoint, layer: int, layer_prefix: str) -> tuple[str, dict[str, str]]:
+    """(module prefix, {name relative to the MoE module: full key}) for decoder layer ``layer``;
+    ``layer_prefix``: the family's regex (``Family.layer_prefix``)."""
+    pattern = re.compile(rf"^(.*?\b{layer_prefix.format(layer=layer)})(.+)$")
     groups: dict[str, dict[str, str]] = {}
     for key in ckpt.weight_map:
         m = pattern.match(key)
@@ -154,18 +156,28 @@ def read_hf_layer(path: str | os.PathLike, layer: int) -> tuple[MoEConfig, dict[
     _check_layer(config, layer, path)
     cfg = moe_config_from_hf(config)
     ckpt = Checkpoint(path)
-    prefix, rel = _layer_tensors(ckpt, layer)
-    renames = get_family(config["model_type"]).renames
+    family = get_family(config["model_type"])
+    prefix, rel = _layer_tensors(ckpt, layer, family.layer_prefix)
+    renames = family.renames
     rel = {renames.get(name, name): key for name, key in rel.items()}
     where = f"layer {layer} of {str(path)!r} ({config['model_type']})"
     e, d, h = cfg.num_experts, cfg.dim, cfg.hidden_dim
 
     scales = {name[: -len("_scale_inv")]: key for name, key in rel.items() if name.endswith("_scale_inv")}
     used: set[str] = set(scales.values())
+    # packed tensors (GPT-OSS's MXFP4 ``<name>_blocks`` + ``<name>_scales``), read as ``<name>``
+    packed = {} if family.unpack is None else {
+        name[: -len("_blocks")]: (key, rel[name[: -len("_blocks")] + "_scales"]) for name, key in rel.items()
+        if name.endswith("_blocks") and name[: -len("_blocks")] + "_scales" in rel}
+    for name, (blocks_key, _) in packed.items():
+        rel[name] = blocks_key
 
     def read(name: str) -> np.ndarray:
         key = rel[name]
         used.add(key)
+        if name in packed:
+            used.add(packed[name][1])
+            return family.unpack(ckpt.read(key), ckpt.read(packed[name][1]))
         w = ckpt.read(key)
         if name in scales:
             w = dequantize(w, ckpt.read(scales[name]), key)
@@ -209,9 +221,22 @@ def read_hf_layer(path: str | os.PathLike, layer: int) -> tuple[MoEConfig, dict[
             raise HFImportError(f"{where}: fused experts hold gate_up_proj {list(gate_up.shape)} and down_proj "
                                 f"{list(down.shape)}, but config.json says num_experts={e}")
         expect("experts.gate_up_proj", gate_up, (e, 2 * h, d))
-        weights["experts.w1"] = np.ascontiguousarray(gate_up[:, :h])  # gate rows first
-        weights["experts.w3"] = np.ascontiguousarray(gate_up[:, h:])
+        if family.gate_up_interleaved:  # GPT-OSS: gate at even, up at odd positions
+            weights["experts.w1"] = np.ascontiguousarray(gate_up[:, 0::2])
+            weights["experts.w3"] = np.ascontiguousarray(gate_up[:, 1::2])
+        else:
+            weights["experts.w1"] = np.ascontiguousarray(gate_up[:, :h])  # gate rows first
+            weights["experts.w3"] = np.ascontiguousarray(gate_up[:, h:])
         weights["experts.w2"] = expect("experts.down_proj", down, (e, d, h))
+    elif "experts.mlp.w1" in rel:  # DBRX: w1, v1, w2 each flat [E * H, D] (w2 is the down projection's transpose)
+        for name in ("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2"):
+            if name not in rel:
+                raise HFImportError(f"{where}: flat expert layout lacks {prefix}{name}")
+        flat = {name: expect(name, read(name), (e * h, d)).reshape(e, h, d)
+                for name in ("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")}
+        weights["experts.w1"] = np.ascontiguousarray(flat["experts.mlp.w1"])
+        weights["experts.w3"] = np.ascontiguousarray(flat["experts.mlp.v1"])
+        weights["experts.w2"] = np.ascontiguousarray(flat["experts.mlp.w2"].transpose(0, 2, 1))
     elif per_expert:
         found = sorted(per_expert)
         if found != list(range(e)):
@@ -243,6 +268,15 @@ def read_hf_layer(path: str | os.PathLike, layer: int) -> tuple[MoEConfig, dict[
         weights["expert_bias"] = np.zeros(e, dtype=np.float32)
     weights["tokens_per_expert"] = np.zeros(e, dtype=np.float32)
 
+    # Gemma 4's router scales and expert-input norm weight (canonical names after the family's renames)
+    for name, shape, needed in (("router.scale", (d,), cfg.router_input_norm),
+                                ("router.per_expert_scale", (e,), cfg.per_expert_scale),
+                                ("expert_input_norm.weight", (d,), cfg.expert_input_norm)):
+        if needed:
+            if name not in rel:
+                raise HFImportError(f"{where}: lacks the tensor read as {name!r} (expected shape {list(shape)})")
+            weights[name] = expect(name, read(name), shape)
+
     shared = {m.group(1): n for n in rel if (m := re.fullmatch(r"shared_experts?\.(\w+)\.weight", n))}
     if cfg.num_shared_experts:
         hs = cfg.shared_dim
@@ -262,6 +296,14 @@ def read_hf_layer(path: str | os.PathLike, layer: int) -> tuple[MoEConfig, dict[
                                 f"gates its shared expert)")
         weights["shared_expert_gate.weight"] = expect("shared_expert_gate.weight",
                                                       read("shared_expert_gate.weight"), (1, d))
+
+    if family.read_extra is not None:  # JetMoE's output bias as experts.b2
+        def read_named(name: str) -> np.ndarray:
+            if name not in rel:
+                raise HFImportError(f"{where}: lacks {prefix}{name}")
+            return read(name)
+
+        weights.update(family.read_extra(read_named, cfg))
 
     unexpected = sorted(prefix + n for n, key in rel.items() if key not in used)
     if unexpected:

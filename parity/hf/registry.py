@@ -39,6 +39,20 @@ class Family:
     ``down_proj [E, H, D]`` (Llama 4) rather than ``[E, 2H, D]``, ``[E, D, H]``; ``bias_key``: the
     block's name of the expert bias (``gate.e_score_correction_bias``; MiniMax-M2: on the block,
     ``e_score_correction_bias``).
+
+    For families whose MoE tensors are not under one ``mlp``-like module (DBRX, Gemma 4):
+    ``layer_prefix``: a regex (``{layer}`` is the layer index) matching the key prefix of the layer's
+    MoE tensors, after any leading ``model.`` parts (default ``layers.{L}.(block_sparse_moe|mlp|feed_forward).``;
+    DBRX ``blocks.{L}.ffn.``; Gemma 4 ``layers.{L}.`` followed by ``router.``, ``experts.`` or
+    ``pre_feedforward_layernorm_2.``); ``config_view(config) -> dict``: a flat view of a nested
+    ``config.json`` (DBRX's ``ffn_config``) with the keys the reader asks for (``hidden_size``,
+    ``num_experts_per_tok``, ``num_hidden_layers``); ``build_block(hf_config) -> nn.Module``: builds
+    the ``hf`` column when transformers has no one module for the MoE block (Gemma 4's router and
+    experts are two submodules of its decoder layer); ``block_state(tensors, cfg) -> dict``: the
+    block's state dict from the canonical tensors (torch), when its names are not the usual ones;
+    ``read_extra(read, cfg) -> dict``: canonical tensors the family builds from its own ones
+    (``read(name)`` reads a checkpoint tensor by its name relative to the MoE module, after
+    ``renames``; JetMoE's output ``bias [D]`` as ``experts.b2``).
     """
 
     model_type: str
@@ -52,6 +66,17 @@ class Family:
     router_name: str = "gate"
     experts_transposed: bool = False
     bias_key: str = "gate.e_score_correction_bias"
+    layer_prefix: str = r"layers\.{layer}\.(?:block_sparse_moe|mlp|feed_forward)\."
+    config_view: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    build_block: Callable[[Any], Any] | None = None
+    block_state: Callable[[Mapping[str, Any], MoEConfig], dict[str, Any]] | None = None
+    read_extra: Callable[[Callable[[str], Any], MoEConfig], dict[str, Any]] | None = None
+    # the fused ``gate_up_proj`` interleaves gate and up (gate at even, up at odd positions of the 2H
+    # axis; GPT-OSS) rather than holding the gate rows first
+    gate_up_interleaved: bool = False
+    # ``unpack(blocks, scales) -> float32 array``: a tensor stored as ``<name>_blocks`` + ``<name>_scales``
+    # (GPT-OSS's MXFP4 experts), read as ``<name>`` in the layout transformers dequantises it to
+    unpack: Callable[[Any, Any], Any] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -77,6 +102,14 @@ def get_family(model_type: Any, where: str = "") -> Family:
         raise HFImportError(f"{prefix}model_type={model_type!r} is not supported; supported model types: "
                             f"{', '.join(_FAMILIES)}")
     return _FAMILIES[model_type]
+
+
+def view(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config`` as the reader reads it: the family's ``config_view`` of it (DBRX's nested
+    ``ffn_config`` flattened), or ``config`` itself (also for an unsupported ``model_type``, which the
+    caller refuses)."""
+    family = _FAMILIES.get(config.get("model_type"))
+    return family.config_view(config) if family is not None and family.config_view is not None else config
 
 
 def get(config: Mapping[str, Any], *names: str, default: Any = None, required: bool = True) -> Any:

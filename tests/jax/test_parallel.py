@@ -5,6 +5,8 @@ one device, so every sharded run happens in one subprocess (``parity.mesh_jax.ru
 ``--xla_force_host_platform_device_count=4``); the single-device answers (``JaxRunner``, concatenated
 batch) are computed here. "skewed" cases steer every token to two hot experts (0 and 5), so most shards
 receive no tokens for most of their experts (ep=4: shards 1 and 3 receive none at all).
+``JOBS_2P`` run in 2 processes of 1 CPU device each, joined by ``jax.distributed.initialize`` on
+127.0.0.1 (gloo CPU collectives), with a global mesh: a multi-host run on one machine.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 from parity.backends.jax_backend import JaxRunner
-from parity.mesh_jax import read_result, run_jax_mesh, run_worker
+from parity.mesh_jax import read_result, run_jax_mesh, run_mesh_jobs, run_worker
 from parity.mesh_job import STALL_TIMEOUT_S, MeshJob, write_job
 from tests.cases import HOT, STEPS, TOLERANCES, make_job
 from tests.setup_once import SetupOnce
@@ -34,6 +36,14 @@ JOBS = {
     "ep2xtp2-groups-bias": make_job("groups_top2_sum_bias", {"ep": 2, "tp": 2}),
     "tp2-after-skewed": make_job("softmax_top2_after", {"tp": 2}, skew=True),
     "ep2xtp2-shared-gate": make_job("shared_expert", {"ep": 2, "tp": 2}, shared_expert_gate=True),  # Qwen2-MoE
+    # issue 21: data parallel next to ep (experts replicated over dp, aux losses and bias counts over dp x ep)
+    "dp2xep2-groups-bias": make_job("groups_top2_sum_bias", {"dp": 2, "ep": 2}),
+}
+# issue 21: the same layer in 2 processes (1 CPU device each) joined by jax.distributed.initialize
+JOBS_2P = {
+    "2proc-ep2-shared-switch-skewed": make_job("shared_expert", {"ep": 2}, skew=True, load_balance_loss="switch"),
+    "2proc-ep2-groups-bias": make_job("groups_top2_sum_bias", {"ep": 2}),
+    "2proc-dp2-sequence-zloss": make_job("sequence_loss_zloss", {"dp": 2}),
 }
 
 
@@ -58,9 +68,26 @@ def start_world():
 WORLD = SetupOnce("the 4-device JAX worker of tests/jax/test_parallel.py", start_world)
 
 
+def start_two_processes():
+    """(sharded results by job, single-device results by job) of ``JOBS_2P`` on 2 JAX processes."""
+    with ThreadPoolExecutor(1) as pool:
+        worker = pool.submit(run_mesh_jobs, list(JOBS_2P.values()), STALL_TIMEOUT_S, 2)
+        single = {name: single_device(job) for name, job in JOBS_2P.items()}
+        results = dict(zip(JOBS_2P, worker.result(), strict=True))
+    return results, single
+
+
+WORLD_2P = SetupOnce("the 2-process JAX run of tests/jax/test_parallel.py", start_two_processes)
+
+
 @pytest.fixture
 def world(request):
     return WORLD.get(request)
+
+
+@pytest.fixture
+def world_2p(request):
+    return WORLD_2P.get(request)
 
 
 def single_device(job: MeshJob) -> dict:
@@ -75,7 +102,19 @@ MAX_ERR: dict[str, float] = {}
 
 @pytest.mark.parametrize("name", list(JOBS))
 def test_sharded_matches_single_device(world, name):
-    job, got, want = JOBS[name], world[0][name], world[2][name]
+    check_against_single_device(name, JOBS[name], world[0][name], world[2][name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(JOBS_2P))
+def test_two_processes_match_single_device(world_2p, name):
+    """jax.distributed on 127.0.0.1, 2 processes x 1 CPU device, a global mesh: == one device."""
+    got = world_2p[0][name]
+    check_against_single_device(name, JOBS_2P[name], got, world_2p[1][name])
+    assert np.any(got["bias_steps"][-1]["expert_bias"] != 0)  # the bias moved, the same in both processes
+
+
+def check_against_single_device(name, job, got, want):
     tol = TOLERANCES[job.dtype]
     for part in ("forward", "grad"):
         assert sorted(got[part]) == sorted(want[part]), (part, sorted(got[part]), sorted(want[part]))
@@ -125,12 +164,35 @@ def test_errors_on_real_meshes(world):
 def test_failing_worker_ends_run_with_its_error():
     job = make_job("shared_expert", {"ep": 2})
     job.extra["fail"] = True
-    from parity.mesh_jax import run_mesh_jobs
-
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"worker .* failed.*injected failure in the JAX mesh worker"):
         run_mesh_jobs([job], timeout_s=120)
     assert time.monotonic() - start < 120
+
+
+def test_failing_process_ends_multi_process_run_with_its_traceback():
+    """Process 1 of 2 raises after jax.distributed is up; process 0 (waiting for it in a collective) is
+    killed and the run fails with process 1's exception and traceback, not a hang."""
+    job = make_job("shared_expert", {"ep": 2})
+    job.extra["fail_process"] = 1
+    with pytest.raises(RuntimeError, match=r"(?s)process 1 of 2, failed.*injected failure in the JAX mesh "
+                                           r"worker \(process 1\).*Traceback"):
+        run_mesh_jobs([job], timeout_s=120, processes=2)
+
+
+@pytest.mark.slow
+def test_hung_process_ends_multi_process_run():
+    """Process 1 of 2 hangs after jax.distributed is up: no progress for timeout_s ends the run."""
+    job = make_job("shared_expert", {"ep": 2})
+    job.extra["stall_process"] = 1
+    with pytest.raises(TimeoutError, match=r"\(2 processes\): no progress for timeout_s=20"):
+        run_mesh_jobs([job], timeout_s=20, processes=2)
+
+
+def test_processes_must_divide_devices():
+    job = make_job("shared_expert", {"ep": 2})
+    with pytest.raises(ValueError, match="processes=4 does not divide the 2 devices"):
+        run_mesh_jobs([job], processes=4)
 
 
 def test_stalled_worker_is_killed_at_timeout():
@@ -145,7 +207,7 @@ def test_slow_worker_that_reports_progress_is_not_killed():
 
 
 @pytest.mark.parametrize("mesh, batch, match", [
-    ({"dp": 2}, 4, "mesh axis 'dp' is not supported"),
+    ({"etp": 2}, 4, "mesh axis 'etp' is not supported"),
     ({"ep": 0}, 4, "ep=0"),
     ({"ep": 4}, 2, "batch=2 is not divisible by ep=4"),
 ])

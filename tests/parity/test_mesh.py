@@ -52,7 +52,7 @@ def test_planted_mismatch_in_sharded_runner_is_caught():
     assert not report.passed
 
 
-@pytest.mark.parametrize("mesh, match", [({"dp": 2}, "mesh axis 'dp'"), ({}, "mesh is empty")])
+@pytest.mark.parametrize("mesh, match", [({"etp": 2}, "mesh axis 'etp'"), ({}, "mesh is empty")])
 def test_make_runners_rejects_unknown_axes(mesh, match):
     with pytest.raises(ValueError, match=match):
         make_runners(mesh, ["jax:cpu"])
@@ -62,3 +62,13 @@ def test_make_runners_names_columns():
     names = [r.name for r in make_runners({"ep": 2, "tp": 2}, ["torch:cpu", "torch:cuda", "jax:cpu", "hf:cpu"])]
     assert names == ["torch:cpu[ep=2xtp=2]", "jax:cpu[ep=2xtp=2]"]
     assert np.all([r.capabilities >= {"forward", "grad", "bias"} for r in make_runners({"ep": 2}, ["torch"])])
+    names = [r.name for r in make_runners({"dp": 2, "ep": 2}, ["torch:cpu", "jax:cpu"], processes=4)]
+    assert names == ["torch:cpu[dp=2xep=2]", "jax:cpu[dp=2xep=2,procs=4]"]
+    assert [r.processes for r in make_runners({"ep": 2}, ["torch", "jax"])] == [2, 1]
+
+
+@pytest.mark.parametrize("backends, processes, match", [
+    (["torch:cpu"], 1, "one gloo process per rank"), (["jax:cpu"], 3, "does not divide the 4 devices")])
+def test_make_runners_checks_processes(backends, processes, match):
+    with pytest.raises(ValueError, match=match):
+        make_runners({"ep": 2, "tp": 2}, backends, processes=processes)

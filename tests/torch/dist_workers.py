@@ -76,6 +76,59 @@ def error_checks(rank: int, world: int) -> dict:
         steps.append(m.expert_bias.tolist())
         assert not m.tokens_per_expert.any()
     out["bias_steps"] = steps
+    if world == 4:
+        out.update(fsdp_checks(rank))
+    return out
+
+
+def fsdp_checks(rank: int) -> dict:
+    """``fully_shard_moe`` on a (dp=2, ep=2) mesh: placements, local shapes, "mean" = "sum" / 4, errors."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_torch import MoE
+    from moe_torch.parallel import (
+        DataParallel,
+        ExpertParallel,
+        all_reduce_dense_grads,
+        expert_data_mesh,
+        fully_shard_moe,
+        token_mesh,
+    )
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    kw = dict(dim=8, hidden_dim=8, num_experts=4, top_k=2, num_shared_experts=1, shared_hidden_dim=8)
+
+    def build(reduce="sum"):
+        torch.manual_seed(0)
+        m = parallelize_module(MoE(**kw), mesh, ExpertParallel(dp_dim="dp"), src_data_rank=None)
+        return fully_shard_moe(m, mesh, reduce=reduce)
+
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(rank))
+    grads = {}
+    for reduce in ("sum", "mean"):
+        m = build(reduce)
+        m(x).square().sum().backward()
+        grads[reduce] = {n: p.grad.full_tensor() for n, p in m.named_parameters()}
+    ratio = max(float((grads["mean"][n] * 4 - g).abs().max()) for n, g in grads["sum"].items())
+    out = {
+        "placements": {n: [repr(pl) for pl in p.placements] for n, p in m.named_parameters()},
+        "local_rows": {n: p.to_local().shape[0] for n, p in m.named_parameters()},
+        "mean_times_4_minus_sum": ratio,
+        "grad_norm": float(sum(g.square().sum() for g in grads["sum"].values())),
+        "token_mesh": list(token_mesh(mesh).mesh.tolist()),
+        "expert_data_mesh": list(expert_data_mesh(mesh).mesh.tolist()),
+        "all_reduce_on_fsdp": _error(lambda: all_reduce_dense_grads(m, None)),
+        "fsdp_bad_reduce": _error(lambda: build("avg")),
+        "fsdp_missing_dp": _error(lambda: fully_shard_moe(
+            parallelize_module(MoE(**kw), mesh, ExpertParallel(dp_dim="dp")), mesh, dp_dim="data")),
+        "fsdp_plain_experts": _error(lambda: fully_shard_moe(
+            parallelize_module(MoE(**kw), mesh, DataParallel()), mesh)),
+        "fsdp_no_style": _error(lambda: fully_shard_moe(MoE(**kw), init_device_mesh("cpu", (4,), mesh_dim_names=("dp",)))),
+        "data_parallel_twice": _error(lambda: parallelize_module(
+            parallelize_module(MoE(**kw), mesh, DataParallel()), mesh, DataParallel())),
+    }
     return out
 
 

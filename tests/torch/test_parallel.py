@@ -1,4 +1,5 @@
-"""moe_torch.parallel: EP / TP / EP x TP on 2 and 4 gloo processes == the single-device layer.
+"""moe_torch.parallel: EP / TP / EP x TP, and DP (FSDP2 or all-reduce) next to them, on 2 and 4 gloo
+processes == the single-device layer.
 
 Each world is started once (module fixture) and runs every case as a job of
 ``parity.mesh_torch``; each ep rank takes its own batch shard and the reference is the single-device
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from moe_torch import update_expert_bias
-from parity.mesh_job import STALL_TIMEOUT_S, MeshJob, check_mesh, write_job
+from parity.mesh_job import STALL_TIMEOUT_S, MeshJob, check_mesh, check_processes, write_job
 from parity.mesh_torch import collect_job, run_torch_mesh, spawn
 from parity.reference import update_expert_bias as ref_update_expert_bias
 from tests.cases import HOT, TOLERANCES, make_job
@@ -41,12 +42,26 @@ WORLD2 = {
     "tp2-shared-gate": make_job("shared_expert", {"tp": 2}, shared_expert_gate=True),  # Qwen2-MoE
     "tp2-switch": make_job("switch_loss", {"tp": 2}),
     "tp2-groups-bias": make_job("groups_top2_sum_bias", {"tp": 2}),
+    # FSDP2 over dp alone (DataParallel: whole-batch aux losses), the switch loss' nonlinear statistics
+    "dp2-fsdp-shared-switch": make_job("shared_expert", {"dp": 2}, load_balance_loss="switch",
+                                       load_balance_coeff=0.01),
 }
 WORLD4 = {
     f"{name}-{case}": make_job(case, mesh, skew=skew)
     for name, mesh in (("ep4", {"ep": 4}), ("ep2xtp2", {"ep": 2, "tp": 2}), ("tp4", {"tp": 4}))
     for case, skew in (("shared_expert", True), ("sequence_loss_zloss", True), ("groups_top2_sum_bias", False))
 }
+# issue 21: dp next to ep / tp. "fsdp": fully_shard_moe (experts over dp, the rest over dp x ep, summed);
+# "allreduce": parameters replicated over dp, all_reduce_dense_grads(moe, dp x ep group, dp group)
+DP_JOBS = {
+    "dp2xep2-fsdp-shared-switch-skewed": make_job("shared_expert", {"dp": 2, "ep": 2}, skew=True,
+                                                  load_balance_loss="switch", load_balance_coeff=0.01),
+    "dp2xep2-fsdp-groups-bias": make_job("groups_top2_sum_bias", {"dp": 2, "ep": 2}),
+    "dp2xep2-allreduce-sequence-zloss-skewed": make_job("sequence_loss_zloss", {"dp": 2, "ep": 2}, skew=True),
+    "dp2xtp2-fsdp-shared-bias": make_job("shared_expert", {"dp": 2, "tp": 2}, use_expert_bias=True),
+}
+DP_JOBS["dp2xep2-allreduce-sequence-zloss-skewed"].extra["fsdp"] = False
+WORLD4.update(DP_JOBS)
 
 
 def run_world(jobs: dict[str, MeshJob], world: int) -> tuple[dict, list[dict]]:
@@ -186,6 +201,40 @@ def test_update_expert_bias_all_reduces_counts(world2, world4, world):
         assert all(other["bias_steps"][step] == c for other in checks), "expert_bias differs between ranks"
 
 
+@pytest.mark.parametrize("name", ["dp2xep2-fsdp-groups-bias", "dp2xtp2-fsdp-shared-bias"])
+def test_dp_bias_steps_same_on_every_rank(world4, name):
+    """The aux-free bias under dp x ep / dp x tp: counts summed over all token-parallel ranks, so the
+    bias moves (it is not zero after the steps) and every one of the 4 ranks holds the same bits."""
+    got = world4[0][name]
+    last = got["bias_steps"][-1]["expert_bias"]
+    assert np.any(last != 0)
+    for i in range(len(got["bias_steps"])):
+        assert got["rank_spread"][f"bias/{i}/expert_bias"] == 0.0
+        assert got["rank_spread"][f"bias/{i}/tokens_per_expert"] == 0.0
+    # the counts are those of the whole batch (4 shards x 4 sequences / 4 x 4 tokens x top-k)
+    cfg = WORLD4[name].cfg
+    assert got["bias_steps"][0]["tokens_per_expert"].sum() == 4 * 4 * cfg.top_k
+
+
+def test_fully_shard_moe_layout_and_reduction(world4):
+    """fully_shard_moe on (dp=2, ep=2): experts split over ep then dp, the rest over all 4 ranks;
+    reduce="mean" is exactly "sum" / (dp * ep); misuse is refused with a clear error."""
+    for rank, c in enumerate(world4[1]):
+        assert c["placements"]["experts.w1"] == ["_StridedShard(dim=0, sf=2)", "Shard(dim=0)"], c["placements"]
+        assert c["placements"]["router.gate.weight"] == ["Shard(dim=0)"]
+        assert c["local_rows"]["experts.w1"] == 1  # 4 experts / ep 2 / dp 2
+        assert c["local_rows"]["router.gate.weight"] == 1  # 4 rows / 4 ranks
+        assert c["token_mesh"] == [0, 1, 2, 3]
+        assert c["expert_data_mesh"] == [rank % 2, rank % 2 + 2]  # the dp ranks holding the same experts
+        assert c["grad_norm"] > 0 and c["mean_times_4_minus_sum"] < 1e-6 * (1 + c["grad_norm"])
+        assert c["all_reduce_on_fsdp"].startswith("ValueError") and "count them twice" in c["all_reduce_on_fsdp"]
+        assert "reduce='avg'" in c["fsdp_bad_reduce"], c["fsdp_bad_reduce"]
+        assert "no dimension named 'data'" in c["fsdp_missing_dp"], c["fsdp_missing_dp"]
+        assert "apply ExpertParallel" in c["fsdp_plain_experts"], c["fsdp_plain_experts"]
+        assert "apply a style" in c["fsdp_no_style"], c["fsdp_no_style"]
+        assert "already set up by DataParallel" in c["data_parallel_twice"], c["data_parallel_twice"]
+
+
 # ----------------------------------------------------------------------------- failures end runs
 def test_failing_rank_ends_run_with_its_error():
     job = make_job("shared_expert", {"ep": 2})
@@ -219,14 +268,31 @@ def test_overall_timeout_terminates_every_rank():
 
 # ------------------------------------------------------------------------------- in-process checks
 @pytest.mark.parametrize("mesh, batch, match", [
-    ({"dp": 2}, 4, "mesh axis 'dp' is not supported"),
+    ({"etp": 2}, 4, "mesh axis 'etp' is not supported"),
     ({"ep": 0}, 4, "ep=0"),
     ({"ep": 4}, 2, "batch=2 is not divisible by ep=4"),
+    ({"dp": 2, "ep": 2}, 2, r"batch=2 is not divisible by dp\*ep=4"),
     ({}, 4, "mesh is empty"),
 ])
 def test_check_mesh_errors(mesh, batch, match):
     with pytest.raises(ValueError, match=match):
         check_mesh(mesh, batch)
+
+
+@pytest.mark.parametrize("mesh, processes, framework, match", [
+    ({"ep": 2}, 1, "torch", r"one gloo process per rank, so it needs processes = 2"),
+    ({"ep": 4}, 3, "jax", "processes=3 does not divide the 4 devices"),
+    ({"ep": 2}, 0, "jax", "processes=0 must be an integer >= 1"),
+])
+def test_check_processes_errors(mesh, processes, framework, match):
+    with pytest.raises(ValueError, match=match):
+        check_processes(mesh, processes, framework)
+
+
+def test_check_processes_defaults():
+    assert check_processes({"dp": 2, "ep": 2}, None, "torch") == 4
+    assert check_processes({"ep": 2}, None, "jax") == 1
+    assert check_processes({"ep": 2, "tp": 2}, 2, "jax") == 2
 
 
 def test_expert_major_permutation():
