@@ -281,6 +281,17 @@ class _RichProgress:
 
 
 # --------------------------------------------------------------------------------------------------
+def write_outputs(report, out: str, save_plots) -> None:
+    """Write ``report.json``, ``report.md`` and ``save_plots(report, out)``'s PNGs into the folder ``out``
+    (created if absent); shared by ``run`` and ``train``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        f.write(report.to_json())
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report.to_markdown())
+    save_plots(report, out)
+
+
 def cmd_run(args) -> int:
     from parity.backends import DEFAULT_BACKENDS, make_runner
     from parity.weights import WeightsError, init_weights, load_weights
@@ -392,12 +403,7 @@ def cmd_run(args) -> int:
     if args.out:
         from parity.plots import save_plots
 
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-            f.write(report.to_json())
-        with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
-            f.write(report.to_markdown())
-        save_plots(report, args.out)
+        write_outputs(report, args.out, save_plots)
     if args.json:
         print(report.to_json())
     else:

@@ -173,12 +173,7 @@ def cmd_train(args) -> int:
     if args.out:
         from parity.train.plots import save_plots
 
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-            f.write(report.to_json())
-        with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
-            f.write(report.to_markdown())
-        save_plots(report, args.out)
+        cli.write_outputs(report, args.out, save_plots)
     if args.json:
         print(report.to_json())
         return report.exit_code
