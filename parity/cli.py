@@ -544,14 +544,18 @@ def cmd_compare(args) -> int:
     table = Table(title=f"{args.a} -> {args.b}")
     for col in ("check", "A", "B", "max abs A", "max abs B", "ULP A", "ULP B", "tol x"):
         table.add_column(col, overflow="fold", no_wrap=col != "check")
-    for r in rows:
-        if args.all or r["status_a"] != r["status_b"] or r["max_abs_a"] != r["max_abs_b"] or r["regressed"]:
-            style = "bold red" if r["regressed"] else ""
-            growth = "-" if r["growth"] is None else f"{r['growth']:.3g}"
-            table.add_row(escape(r["id"]), r["status_a"], r["status_b"], *(
-                "-" if v is None else (f"{v:.2e}" if isinstance(v, float) else str(v))
-                for v in (r["max_abs_a"], r["max_abs_b"], r["ulp_a"], r["ulp_b"])), growth, style=style)
-    console.print(table)
+    shown = [r for r in rows if args.all or r["status_a"] != r["status_b"] or r["max_abs_a"] != r["max_abs_b"]
+             or r["regressed"]]
+    for r in shown:
+        style = "bold red" if r["regressed"] else ""
+        growth = "-" if r["growth"] is None else f"{r['growth']:.3g}"
+        table.add_row(escape(r["id"]), r["status_a"], r["status_b"], *(
+            "-" if v is None else (f"{v:.2e}" if isinstance(v, float) else str(v))
+            for v in (r["max_abs_a"], r["max_abs_b"], r["ulp_a"], r["ulp_b"])), growth, style=style)
+    if shown:
+        console.print(table)
+    else:
+        console.print(f"{len(rows)} check(s) in both reports, none changed status or max abs (--all lists them)")
     console.print(f"ULP: error in ULPs at the tensor's scale, as in `run`; tol x: B's tolerance ratio / A's. "
                   f"A regression is a check that passed (or warned) in A and fails in B, or whose tolerance "
                   f"ratio grew more than --factor {args.factor:g} times and is above 1/{args.factor:g} in B.")
@@ -560,9 +564,20 @@ def cmd_compare(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+def _version() -> str:
+    """The installed distribution's version ("unknown" when run from a tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moe-parity")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Check that the PyTorch and JAX MoE layers agree with each other "
                                         "and with a float64 NumPy reference.", epilog=EXIT_CODES)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run the parity checks (default: preset 'default' on every backend)",

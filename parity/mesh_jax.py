@@ -42,7 +42,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -59,8 +58,8 @@ from parity.mesh_job import (
     check_mesh,
     check_processes,
     report_progress,
+    run_world,
     unflatten_result,
-    wait_for,
     write_job,
 )
 
@@ -106,39 +105,15 @@ def run_worker(fn: str, folder: str, *args, devices: int, timeout_s: float = STA
     what = f"JAX {devices}-device worker {fn}" + (f" ({processes} processes)" if processes > 1 else "")
     with tempfile.TemporaryDirectory(prefix="moe_jax_worker_") as tmp:
         env[PROGRESS_ENV] = os.path.join(tmp, "progress.log")
-        logs = [open(os.path.join(tmp, f"stderr{i}.log"), "w+b") for i in range(processes)]
-        procs = []
-        for i in range(processes):
-            env_i = dict(env, **({DIST_ENV: f"{address},{processes},{i}"} if address else {}))
-            procs.append(subprocess.Popen(cmd, env=env_i, stdout=subprocess.DEVNULL, stderr=logs[i]))
+        commands = [(cmd, dict(env, **({DIST_ENV: f"{address},{processes},{i}"} if address else {})))
+                    for i in range(processes)]
 
-        def finished(codes) -> bool:
-            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:  # the first to fail (by its error file's time) is the cause; the rest followed it
-                def when(i):
-                    err = _err_file(folder, i, processes)
-                    return os.path.getmtime(err) if os.path.exists(err) else float("inf")
-                i = min(failed, key=when)
-                err = _err_file(folder, i, processes)
-                if os.path.exists(err):
-                    with open(err, errors="replace") as f:
-                        text = f.read()
-                else:
-                    logs[i].seek(0)
-                    text = logs[i].read().decode(errors="replace")
-                who = f", process {i} of {processes}," if processes > 1 else ""
-                raise RuntimeError(f"{what}{who} failed (exit code {codes[i]}): {text[-4000:]}")
-            return all(c == 0 for c in codes)
+        def failure(i, code, text):
+            who = f", process {i} of {processes}," if processes > 1 else ""
+            return f"{what}{who} failed (exit code {code}): {text}"
 
-        try:
-            wait_for(procs, env[PROGRESS_ENV], timeout_s, what, finished)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-            for f in logs:
-                f.close()
+        run_world(commands, tmp, [_err_file(folder, i, processes) for i in range(processes)], timeout_s, what,
+                  failure)
 
 
 def _child() -> None:

@@ -70,6 +70,47 @@ def wait_for(procs: Sequence, progress_path: str, timeout_s: float, what: str,
         time.sleep(poll_s)
 
 
+def run_world(commands: Sequence[tuple[list[str], dict]], log_dir: str, err_files: Sequence[str], timeout_s: float,
+              what: str, failure: Callable[[int, int, str], str]) -> None:
+    """Start one process per ``(argv, env)`` in ``commands`` and wait for all to exit 0 (``wait_for``;
+    the progress file is ``env[PROGRESS_ENV]`` of the first command).
+
+    Each process's stderr goes to ``log_dir/stderr{i}.log``; it writes its exception and traceback to
+    ``err_files[i]`` before it exits non-zero. The first process to fail (by its error file's mtime; the
+    others failed after it, waiting in a collective) ends the run: ``RuntimeError(failure(i, exit code,
+    the last 4000 characters of its error file, or of its stderr without one))``. ``TimeoutError`` from
+    ``wait_for`` on a hang. Every process still running is killed on the way out, success or not.
+    """
+    import subprocess
+
+    logs = [open(os.path.join(log_dir, f"stderr{i}.log"), "wb") for i in range(len(commands))]
+
+    def finished(codes) -> bool:
+        failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            i = min(failed, key=lambda i: os.path.getmtime(err_files[i]) if os.path.exists(err_files[i])
+                    else float("inf"))
+            path = err_files[i] if os.path.exists(err_files[i]) else logs[i].name
+            logs[i].flush()
+            with open(path, errors="replace") as f:
+                text = f.read()[-4000:]
+            raise RuntimeError(failure(i, codes[i], text))
+        return all(c == 0 for c in codes)
+
+    procs = []
+    try:
+        for (argv, env), log in zip(commands, logs, strict=True):
+            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log))
+        wait_for(procs, commands[0][1][PROGRESS_ENV], timeout_s, what, finished)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+
+
 @dataclass
 class MeshJob:
     """One sharded run: the arguments of ``run_torch_mesh`` / ``run_jax_mesh`` (see there)."""

@@ -57,8 +57,8 @@ from parity.mesh_job import (
     MeshJob,
     check_mesh,
     report_progress,
+    run_world,
     unflatten_result,
-    wait_for,
     write_job,
 )
 
@@ -118,7 +118,6 @@ def spawn(fn: str, world: int, *args, timeout_s: float = STALL_TIMEOUT_S,
     is caught and slowness is not; every collective also times out after ``collective_timeout_s``
     (``init_process_group(timeout=...)``).
     """
-    import subprocess
     import sys
 
     with tempfile.TemporaryDirectory(prefix="moe_mesh_") as tmp:
@@ -126,33 +125,11 @@ def spawn(fn: str, world: int, *args, timeout_s: float = STALL_TIMEOUT_S,
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env[PROGRESS_ENV] = os.path.join(tmp, "progress.log")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), *sys.path, env.get("PYTHONPATH", "")) if p)
-        logs = [open(os.path.join(tmp, f"rank{r}.log"), "wb") for r in range(world)]
-        procs = [subprocess.Popen([*cmd, str(r), str(world), tmp, str(collective_timeout_s), json.dumps(args)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=logs[r])
-                 for r in range(world)]
-
-        def finished(codes) -> bool:
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                r = min(failed, key=lambda r: os.path.getmtime(os.path.join(tmp, f"rank{r}.err"))
-                        if os.path.exists(os.path.join(tmp, f"rank{r}.err")) else float("inf"))
-                err = os.path.join(tmp, f"rank{r}.err")
-                if not os.path.exists(err):
-                    err = os.path.join(tmp, f"rank{r}.log")
-                with open(err, errors="replace") as f:
-                    text = f.read()[-4000:]
-                raise RuntimeError(f"rank {r} of {world} failed (exit code {codes[r]}): {text}")
-            return all(c == 0 for c in codes)
-
-        try:
-            wait_for(procs, env[PROGRESS_ENV], timeout_s, f"{world}-process run of {fn}", finished)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-            for f in logs:
-                f.close()
+        commands = [([*cmd, str(r), str(world), tmp, str(collective_timeout_s), json.dumps(args)], env)
+                    for r in range(world)]
+        run_world(commands, tmp, [os.path.join(tmp, f"rank{r}.err") for r in range(world)], timeout_s,
+                  f"{world}-process run of {fn}",
+                  lambda r, code, text: f"rank {r} of {world} failed (exit code {code}): {text}")
 
 
 def run_mesh_jobs(jobs: Sequence[MeshJob], timeout_s: float = STALL_TIMEOUT_S) -> list[dict]:

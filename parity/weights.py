@@ -147,10 +147,17 @@ def init_weights(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> dict[str, n
 
 
 def save_weights(path: str | os.PathLike, mapping: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write a canonical mapping as safetensors (contiguous NumPy arrays)."""
+    """Write a canonical mapping as safetensors (contiguous NumPy arrays).
+
+    The file gets the mode any new file gets here (0666 less the umask): safetensors writes through a
+    private temporary file (mode 0600), which would make a shared weights file unreadable to others.
+    """
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in mapping.items()}, os.fspath(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_weights(path: str | os.PathLike, cfg: MoEConfig | None = None, *,

@@ -244,3 +244,17 @@ def test_float64_weights_file_is_converted_with_a_note(tmp_path, capsys):
             "experts.w2, experts.w3, router.gate.weight, tokens_per_expert from float64")
     assert f"- note: {line}\n" in (tmp_path / "r" / "report.md").read_text()
     assert json.loads((tmp_path / "r" / "report.json").read_text())["notes"] == [line]
+
+
+def test_saved_weights_get_the_umask_mode_not_0600(tmp_path):
+    import os
+    import stat
+
+    from parity.config import MoEConfig
+
+    old = os.umask(0o022)
+    try:
+        save_weights(tmp_path / "w.safetensors", init_weights(MoEConfig(dim=4, hidden_dim=8, num_experts=2, top_k=1)))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644

@@ -110,3 +110,12 @@ def test_readme_summary_names_every_flag_and_backend_of_run():
     missing = [f for f in flags if f not in summary]
     assert not missing, missing
     assert not [b for b in KNOWN_BACKENDS if f"`{b}`" not in summary]
+
+
+def test_version_prints_the_installed_version_and_exits_0(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moe-parity {version('moe-parity')}"

@@ -35,6 +35,9 @@ def test_compare_accepts_directories_and_defines_regression(tmp_path, capsys):
     out = " ".join(out.split())
     assert "0 regression(s)" in out and "A regression is a check that passed" in out
     assert "warning" not in out
+    assert "none changed status or max abs (--all lists them)" in out and "max abs A" not in out
+    code, out, _ = run(capsys, "compare", str(tmp_path / "a"), str(tmp_path / "a"), "--all")
+    assert code == 0 and "max abs A" in " ".join(out.split()) and "none changed" not in out
     code, _, err = run(capsys, "compare", str(tmp_path), str(tmp_path / "a"))
     assert code == 2 and "without report.json" in err
 
