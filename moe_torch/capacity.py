@@ -89,10 +89,15 @@ def run_experts(experts, x_routed: torch.Tensor, counts: torch.Tensor, cfg: MoEC
 
     With ``cfg.capacity_pad`` each expert runs on exactly ``G*C`` rows (its kept rows, then zero rows;
     Megatron-Core's ``moe_pad_expert_input_to_capacity``): the same outputs, a fixed shape.
-    NOTE: the number of kept rows is read on the host (one sync), so that an expert-parallel exchange
-    around ``experts`` sees exactly the rows its counts describe. Raises ``ValueError`` when a locked
-    ``kept_slots`` holds more than ``G*C`` rows of one expert (it cannot be padded to ``C``).
+    NOTE: eagerly the number of kept rows is read on the host (one sync), so that an expert-parallel
+    exchange around ``experts`` sees exactly the rows its counts describe. Under ``torch.compile``
+    (``_run_experts_traced``) nothing is read on the host: the experts get every row with counts that
+    describe the kept ones, and a ``torch.where`` on a row mask zeroes the rest. Raises ``ValueError``
+    when a locked ``kept_slots`` holds more than ``G*C`` rows of one expert (it cannot be padded to
+    ``C``; under compile a ``RuntimeError`` from ``torch._assert_async``, same message).
     """
+    if torch.compiler.is_compiling():
+        return _run_experts_traced(experts, x_routed, counts, cfg, batch, seq_len)
     kept_rows = int(counts.sum())
     x_kept = x_routed[:kept_rows]
     if cfg.capacity_pad:
@@ -110,3 +115,35 @@ def run_experts(experts, x_routed: torch.Tensor, counts: torch.Tensor, cfg: MoEC
     else:
         y_kept = experts(x_kept, counts)
     return torch.cat([y_kept, y_kept.new_zeros((x_routed.shape[0] - kept_rows, y_kept.shape[-1]))])
+
+
+def _run_experts_traced(experts, x_routed: torch.Tensor, counts: torch.Tensor, cfg: MoEConfig, batch: int,
+                        seq_len: int) -> torch.Tensor:
+    """``run_experts`` without a host read (for ``torch.compile``: no graph break, no recompile when the
+    counts change): the same rows through the same kernels, so the same bits.
+
+    All ``R = N*k`` rows go to the kernel with ``counts`` describing the kept rows only (every kernel
+    leaves the rows past ``sum(counts)`` out and returns zeros there); a ``torch.where`` on the row
+    mask (a select, not a product: NaN cannot leak) makes the dropped rows exactly 0. With
+    ``capacity_pad`` the buffer is ``E*G*C`` padded rows followed by one spare row per routed row: a
+    kept row goes to its expert's slot, a dropped row to its own spare row, past the counts.
+    """
+    n_rows = x_routed.shape[0]
+    ar = torch.arange(n_rows, device=counts.device)
+    keep = (ar < counts.sum())[:, None]
+    if cfg.capacity_pad:
+        groups, tokens = capacity_groups(cfg.capacity_group, batch, seq_len)
+        rows = groups * capacity_per_expert(cfg, tokens)
+        torch._assert_async(counts.max() <= rows, f"an expert holds more kept rows than its {rows} padded rows "
+                                                  f"(G*C); kept_slots does not fit the capacity")
+        ends = torch.cumsum(counts, 0)
+        expert = torch.searchsorted(ends, ar, right=True)  # E for the dropped rows
+        starts = torch.cat([ends.new_zeros(1), ends])[expert]
+        spare = counts.numel() * rows + ar
+        dest = torch.where(keep[:, 0], expert.clamp(max=counts.numel() - 1) * rows + ar - starts, spare)
+        padded = x_routed.new_zeros((counts.numel() * rows + n_rows, x_routed.shape[-1])).index_copy(0, dest,
+                                                                                                    x_routed)
+        y = experts(padded, torch.full_like(counts, rows)).index_select(0, dest)
+    else:
+        y = experts(x_routed, counts)
+    return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))

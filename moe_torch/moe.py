@@ -25,6 +25,37 @@ def _slot_rows(inverse: torch.Tensor, k: int) -> torch.Tensor:
     return inverse.view(-1, k).t().contiguous()
 
 
+def _chunked_on(t: torch.Tensor) -> bool:
+    """Whether dispatch / combine run chunk by chunk for ``t``: eagerly on CPU (where fresh large buffers
+    are page-faulted in on every call and mixed-dtype ops take a scalar path); not on accelerators, and
+    not under torch.compile, where inductor fuses the unchunked expressions. Both give the same bits."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+#: rows per chunk when low-precision rows are scaled through float32 on CPU (8 MiB at D=1024)
+_SCALE_CHUNK = 2048
+
+
+def _scale_rows_(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``rows`` (M, D) any float dtype times ``scale`` (M,), in place: each product in float32 (float64
+    for float64 rows), rounded once to ``rows.dtype``, the bits of ``(rows.float() * scale).to(dtype)``.
+
+    NOTE: bf16/fp16 rows on CPU go chunk by chunk through a float32 copy: a mixed-dtype in-place
+    ``mul_`` takes PyTorch's scalar CPU path (measured for 65536 x 1024 bf16 rows: 300-590 ms, against
+    17 ms chunked; the same bits). Under torch.compile inductor fuses the one expression instead.
+    """
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    scale = scale.to(acc).unsqueeze(-1)
+    if rows.dtype == acc or rows.device.type != "cpu":
+        return rows.mul_(scale)
+    if not _chunked_on(rows):
+        return rows.copy_(rows.to(acc) * scale)
+    for start in range(0, rows.shape[0], _SCALE_CHUNK):
+        chunk = rows[start:start + _SCALE_CHUNK]
+        chunk.copy_(chunk.to(acc).mul_(scale[start:start + _SCALE_CHUNK]))
+    return rows
+
+
 class _PermuteRows(torch.autograd.Function):
     """``x[perm]`` for a permutation ``perm`` of axis 0 (``inverse[perm] == arange``).
 
@@ -43,6 +74,39 @@ class _PermuteRows(torch.autograd.Function):
         return g[inverse], None, None
 
 
+def _gather_backward_chunked(g: torch.Tensor, tokens: torch.Tensor | None, scale: torch.Tensor | None,
+                             order: torch.Tensor, inverse: torch.Tensor, k: int, need_tokens: bool,
+                             need_scale: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``_GatherTokens.backward`` on CPU, in chunks of rows (then of tokens): the same float32 products,
+    row sums and j = 0..k-1 sums as the unchunked code below it (the same bits), with no mixed-dtype
+    op (bf16 * float32 takes the scalar CPU path) and no fresh (N*k, D) float32 buffer.
+    Returns ``(dtokens (N, D) g.dtype or None, dscale (N*k,) float32/float64 or None)``."""
+    acc = torch.promote_types(g.dtype, torch.float32)
+    rows = g.shape[0]
+    dscale = g.new_empty(rows, dtype=acc) if scale is not None and need_scale else None
+    gs = g
+    if scale is not None:
+        gs, scale = torch.empty_like(g), scale.to(acc)
+        for start in range(0, rows, _SCALE_CHUNK):
+            stop = min(start + _SCALE_CHUNK, rows)
+            gc = g[start:stop].to(acc, copy=True)
+            if dscale is not None:
+                dscale[start:stop] = (gc * tokens[order[start:stop] // k].to(acc)).sum(-1)
+            gs[start:stop] = gc.mul_(scale[start:stop, None])
+    if not need_tokens:
+        return None, dscale
+    slot_rows = _slot_rows(inverse, k)
+    n = slot_rows.shape[1]
+    dtokens = g.new_empty((n, g.shape[-1]))
+    for start in range(0, n, _COMBINE_CHUNK):
+        stop = min(start + _COMBINE_CHUNK, n)
+        total = gs.index_select(0, slot_rows[0, start:stop]).to(acc)
+        for j in range(1, k):
+            total.add_(gs.index_select(0, slot_rows[j, start:stop]).to(acc))
+        dtokens[start:stop] = total
+    return dtokens, dscale
+
+
 class _GatherTokens(torch.autograd.Function):
     """``tokens[order // k]``: each sorted row's token, (N, D) -> (N*k, D), optionally scaled by a
     per-row weight in float32 (float64 for float64 tokens) and cast back to the tokens' dtype.
@@ -59,8 +123,7 @@ class _GatherTokens(torch.autograd.Function):
             # NOTE: in place on the fresh gather: TensorIterator multiplies in the promoted dtype (float32)
             # and rounds once to the tokens' dtype, the bits of ``(rows.float() * scale).to(dtype)``
             # without a float32 copy of every routed row (measured: 23% of the bf16 layer's forward)
-            acc = torch.promote_types(tokens.dtype, torch.float32)
-            rows.mul_(scale.unsqueeze(-1).to(acc))
+            _scale_rows_(rows, scale)
         ctx.k = k
         ctx.save_for_backward(tokens if scale is not None and ctx.needs_input_grad[1] else None,
                               scale, order, inverse)
@@ -69,6 +132,9 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         tokens, scale, order, inverse = ctx.saved_tensors
+        if _chunked_on(g):
+            return (*_gather_backward_chunked(g, tokens, scale, order, inverse, ctx.k, ctx.needs_input_grad[0],
+                                              ctx.needs_input_grad[1]), None, None, None)
         dtokens = dscale = None
         acc = torch.promote_types(g.dtype, torch.float32)
         gs = g
@@ -84,6 +150,30 @@ class _GatherTokens(torch.autograd.Function):
                 dtokens.add_(gs.index_select(0, slot_rows[j]))
             dtokens = dtokens.to(g.dtype)
         return dtokens, dscale, None, None, None
+
+
+#: tokens per chunk of the CPU combine (2 MiB of float32 at D=1024: the chunk stays in cache)
+_COMBINE_CHUNK = 512
+
+
+def _combine_chunked(y: torch.Tensor, weights: torch.Tensor | None, slot_rows: torch.Tensor,
+                     acc: torch.dtype) -> torch.Tensor:
+    """(8) on CPU, ``_COMBINE_CHUNK`` tokens at a time: the same products and the same j = 0..k-1 sum per
+    token as the loop in ``_Combine.forward`` (the same bits), with every temporary small enough to stay
+    in cache instead of a fresh (N, D) buffer per slot. Measured for N=8192, k=8, D=1024: 0.27 s ->
+    0.04-0.05 s in bf16, 0.26 s -> 0.08-0.09 s in float32."""
+    k, n = slot_rows.shape
+    out = torch.empty((n, y.shape[-1]), dtype=acc, device=y.device)
+    for start in range(0, n, _COMBINE_CHUNK):
+        stop = min(start + _COMBINE_CHUNK, n)
+        total = None
+        for j in range(k):
+            term = y.index_select(0, slot_rows[j, start:stop]).to(acc)
+            if weights is not None:
+                term.mul_(weights[start:stop, j:j + 1])
+            total = term if total is None else total.add_(term)
+        out[start:stop] = total
+    return out
 
 
 class _Combine(torch.autograd.Function):
@@ -103,7 +193,9 @@ class _Combine(torch.autograd.Function):
         acc = torch.promote_types(y.dtype, torch.float32)
         slot_rows = _slot_rows(inverse, k)
         out = None
-        for j in range(k):
+        if _chunked_on(y):
+            out = _combine_chunked(y, weights, slot_rows, acc)
+        for j in range(k if out is None else 0):
             term = y.index_select(0, slot_rows[j])
             if weights is None:
                 term = term.to(acc)

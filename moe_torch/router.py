@@ -205,7 +205,13 @@ class TokenChoiceTopKRouter(nn.Module):
         if tuple(selected.shape) != (n, self.top_k):
             raise ValueError(f"selected_experts has shape {tuple(selected.shape)}; expected "
                              f"[num_tokens={n}, top_k={self.top_k}]")
-        if selected.numel() and (selected.min() < 0 or selected.max() >= self.num_experts):
+        if torch.compiler.is_compiling():
+            # NOTE: no host read under torch.compile (a graph break): the same range check, raised at run time
+            if selected.numel():
+                torch._assert_async((selected.min() >= 0) & (selected.max() < self.num_experts),
+                                    f"selected_experts holds values outside [0, {self.num_experts - 1}]; "
+                                    f"expected expert indices in [0, {self.num_experts - 1}]")
+        elif selected.numel() and (selected.min() < 0 or selected.max() >= self.num_experts):
             raise ValueError(f"selected_experts holds values in [{int(selected.min())}, {int(selected.max())}]; "
                              f"expected expert indices in [0, {self.num_experts - 1}]")
         return selected.to(torch.int64)

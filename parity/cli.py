@@ -444,8 +444,12 @@ def cmd_presets(args) -> int:
                   header_style="bold", padding=(0, 1, 0, 0))
     # NOTE: sizes (dim, hidden_dim: every preset is scaled down to dim 64) are left to --json, so the
     # longest model name still fits one line at 120 columns
+    # name and experts are never cut (a name must copy-paste into --preset); on a narrow terminal the
+    # other cells wrap at spaces instead
+    widths = {"name": max(map(len, PRESETS)), "experts": max(len(f"{p.config.num_experts}+{p.config.num_shared_experts}sh")
+                                                          for p in PRESETS.values())}
     for col in ("name", "routing", "experts", "balancing", "from"):
-        table.add_column(col, no_wrap=col != "from", overflow="fold")
+        table.add_column(col, no_wrap=col in widths, min_width=widths.get(col), overflow="fold")
     for p in PRESETS.values():
         c = p.config
         routing = f"{c.score_func} top-{c.top_k}"

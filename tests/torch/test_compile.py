@@ -48,15 +48,16 @@ def _inputs(dtype, n: int = 3) -> list[torch.Tensor]:
     return [torch.randn(2, 8, DIM, generator=gen).to(dtype) for _ in range(n)]
 
 
-def _step(call, module: MoE, x: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
-    """One call of ``call`` (``module`` or its compiled form): the output and aux tensors, and in
-    training the gradients of x and of every parameter (a fixed cotangent plus both aux losses)."""
+def _step(call, module: MoE, x: torch.Tensor, train: bool, **kw) -> dict[str, torch.Tensor]:
+    """One call of ``call`` (``module`` or its compiled form; ``kw``: e.g. ``selected_experts``): the output
+    and aux tensors, and in training the gradients of x and of every parameter (a fixed cotangent plus
+    both aux losses)."""
     if not train:
         with torch.no_grad():
-            out, aux = call(x, return_aux=True)
+            out, aux = call(x, return_aux=True, **kw)
         return {"out": out, **aux}
     xt = x.clone().requires_grad_()
-    out, aux = call(xt, return_aux=True)
+    out, aux = call(xt, return_aux=True, **kw)
     cot = torch.linspace(-1, 1, out.numel()).view(out.shape)
     loss = (out.float() * cot).sum() + aux["load_balance_loss"] + aux["router_z_loss"]
     params = dict(module.named_parameters())
@@ -193,6 +194,84 @@ def test_three_routings_compile_once():
 def test_inductor_compiled_layer_matches_eager():
     """The default backend (inductor), fullgraph, training: within INDUCTOR_TOL of eager."""
     _compare("auto", "inductor", fullgraph=True, tol=INDUCTOR_TOL[torch.float32], modes=(True,))
+
+
+# ------------------------------------------------------------------ capacity and locked routing
+# C = 6 rows per expert for 16 tokens x k=2 over E=4 experts: every test input drops 8-10 of its 32 slots
+CAPACITY = dict(capacity_factor=0.75)
+
+
+def _drops_some(kernel: str, **layer_kw) -> None:
+    with torch.no_grad():
+        kept = [_layer(kernel, **layer_kw)(x, return_aux=True)[1]["kept_slots"] for x in _inputs(torch.float32)]
+    assert all(not k.all() and k.any() for k in kept), "the capacity should drop some slots and keep others"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("kernel", ["loop", "grouped_mm", "npu"])
+def test_compiled_capacity_layer_fullgraph_equals_eager(kernel, pad, request):
+    """Token dropping compiles in one graph per mode (no host read of the kept rows): training and
+    eval, three routings, no graph break, no recompile, bit-identical with the eager kernels."""
+    if kernel == "npu":
+        request.getfixturevalue("fake_npu")
+    _drops_some(kernel, **CAPACITY, capacity_pad=pad)
+    _compare(kernel, "aot_eager", fullgraph=True, **CAPACITY, capacity_pad=pad)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_capacity_layer_matches_eager():
+    """Token dropping under the default backend (inductor), fullgraph, training: within INDUCTOR_TOL."""
+    _compare("auto", "inductor", fullgraph=True, tol=INDUCTOR_TOL[torch.float32], modes=(True,), **CAPACITY)
+
+
+@pytest.mark.slow
+def test_capacity_pad_overfull_kept_slots_raise_under_compile():
+    """A locked ``kept_slots`` with more than G*C rows of one expert still fails when compiled (a
+    run-time assert in place of the eager host read)."""
+    layer = _layer("loop", **CAPACITY, capacity_pad=True).eval()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = _inputs(torch.float32, 1)[0]
+    sel = torch.zeros(16, K, dtype=torch.int64)
+    sel[:, 1] = 1  # every token on experts 0 and 1: 16 rows each, C = 6
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="more than its 6 padded rows"):
+            layer(x, selected_experts=sel, kept_slots=torch.ones(16, K, dtype=torch.bool))
+        with pytest.raises(RuntimeError, match="more kept rows than its 6 padded rows"):
+            compiled(x, selected_experts=sel, kept_slots=torch.ones(16, K, dtype=torch.bool))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+def test_locked_routing_compiles_fullgraph():
+    """``selected_experts=`` (locked routing) under fullgraph: three locked routings, one graph, no
+    break, eager bits (training); an out-of-range index still raises, at run time."""
+    eager = _layer("auto")
+    comp = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(comp, backend=counter, fullgraph=True)
+    gen = torch.Generator().manual_seed(2)
+    seen = set()
+    for x in _inputs(torch.float32):
+        sel = torch.randint(0, E, (16, K), generator=gen)
+        got, want = _step(compiled, comp, x, True, selected_experts=sel), _step(eager, eager, x, True,
+                                                                                 selected_experts=sel)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (key, (got[key] - want[key]).abs().max())
+        assert torch.equal(got["selected_experts"], sel)
+        seen.add(tuple(want["tokens_per_expert"].tolist()))
+    assert len(seen) == 3, seen
+    assert counter.frame_count == 1, counter.frame_count
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    bad = torch.randint(0, E, (16, K), generator=gen)
+    for value in (E, -1):
+        bad[3, 1] = value
+        with pytest.raises(RuntimeError, match=rf"selected_experts holds values outside \[0, {E - 1}\]"):
+            compiled(_inputs(torch.float32, 1)[0], selected_experts=bad)
+    with pytest.raises(ValueError, match=rf"holds values in \[0, {E}\]"):  # eager: unchanged message
+        bad[3, 1] = E
+        eager(_inputs(torch.float32, 1)[0], selected_experts=bad)
 
 
 # ---------------------------------------------------------------------------------- sharded
